@@ -1,0 +1,18 @@
+//! CNNF's pure logic, shared by the node agent, the services and the CLI.
+//!
+//! Everything here is deterministic and does no I/O: subject names and
+//! event ids ([`subjects`], [`ids`]) and the checks every consumer applies
+//! to a message before trusting it ([`envelope`]). The identity, model,
+//! rule and evaluation logic that the agent runs on the hot path and the
+//! policy service compiles will live here too, once.
+//!
+//! Must never depend on NATS, RocksDB, tokio or any other I/O crate: the
+//! agent's verdict loop and the simulator both link it.
+
+#![forbid(unsafe_code)]
+
+pub mod envelope;
+pub mod ids;
+pub mod subjects;
+
+pub use cnnf_proto::v1 as proto;

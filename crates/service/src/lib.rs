@@ -1,0 +1,269 @@
+//! What every CNNF service process shares, so each service's `main` stays
+//! a few lines: the common configuration ([`CommonConfig`], from flags or
+//! `CNNF_*` environment variables), logging, the HTTP endpoint serving
+//! Prometheus `/metrics` and `/ready`, the NATS connection with the
+//! topology ensured, and the shutdown signal.
+//!
+//! Must never depend on a storage engine or on a particular service.
+
+#![forbid(unsafe_code)]
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context as _;
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use prometheus_client::registry::Registry;
+
+/// Exit status for bad configuration (EX_USAGE).
+pub const EXIT_BAD_CONFIG: u8 = 64;
+
+/// Configuration every service takes.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CommonConfig {
+    /// NATS server URL(s), comma-separated.
+    #[arg(long, env = "CNNF_NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    pub nats_url: String,
+    /// Cluster this process belongs to.
+    #[arg(long, env = "CNNF_CLUSTER", default_value = "local")]
+    pub cluster: String,
+    /// Directory for this service's local state (RocksDB projections).
+    #[arg(long, env = "CNNF_DATA_DIR", default_value = "./cnnf-data")]
+    pub data_dir: PathBuf,
+    /// Address of the /metrics and /ready endpoint.
+    #[arg(long, env = "CNNF_HTTP_ADDR")]
+    pub http_addr: Option<SocketAddr>,
+    /// Replicas of streams and buckets (3 in a NATS cluster).
+    #[arg(long, env = "CNNF_REPLICAS", default_value_t = 1)]
+    pub replicas: usize,
+}
+
+impl CommonConfig {
+    /// Checks what clap cannot: names that must be subject tokens.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        cnnf_core::subjects::Token::new("cluster", &self.cluster)?;
+        anyhow::ensure!(self.replicas >= 1 && self.replicas <= 5, "--replicas must be between 1 and 5, got {}", self.replicas);
+        Ok(())
+    }
+
+    /// The topology settings this configuration implies.
+    pub fn topology(&self) -> cnnf_bus::TopologyConfig {
+        cnnf_bus::TopologyConfig {
+            replicas: self.replicas,
+            ..Default::default()
+        }
+    }
+}
+
+/// Parses configuration the way every CNNF binary does: `--help` and
+/// `--version` print and exit 0; anything wrong prints what and exits 64.
+pub fn parse_or_exit<T: clap::Parser>() -> Result<T, ExitCode> {
+    match T::try_parse() {
+        Ok(config) => Ok(config),
+        Err(error) => {
+            let _ = error.print();
+            Err(if error.use_stderr() {
+                ExitCode::from(EXIT_BAD_CONFIG)
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
+    }
+}
+
+/// Installs the log subscriber: `RUST_LOG` filters (default `info`);
+/// `CNNF_LOG_FORMAT=json` logs JSON lines.
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let _ = if std::env::var("CNNF_LOG_FORMAT").as_deref() == Ok("json") {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+}
+
+/// Completes on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = terminate => {}
+    }
+    tracing::info!(message = "Shutdown requested.");
+}
+
+/// Readiness and metrics of one process (one service, or all of them in
+/// the all-in-one binary). `/ready` answers 200 once every component that
+/// asked for a [`Readiness`] handle has said it is ready.
+#[derive(Clone, Default)]
+pub struct Health {
+    components: Arc<Mutex<Vec<(String, Arc<AtomicBool>)>>>,
+    registry: Arc<Mutex<Registry>>,
+}
+
+/// One component's readiness flag.
+#[derive(Clone)]
+pub struct Readiness(Arc<AtomicBool>);
+
+impl Readiness {
+    /// Marks the component ready (or not).
+    pub fn set(&self, ready: bool) {
+        self.0.store(ready, Ordering::SeqCst);
+    }
+}
+
+impl Health {
+    /// Registers a component, not ready yet.
+    pub fn component(&self, name: &str) -> Readiness {
+        let flag = Arc::new(AtomicBool::new(false));
+        self.components
+            .lock()
+            .expect("health lock poisoned")
+            .push((name.to_owned(), Arc::clone(&flag)));
+        Readiness(flag)
+    }
+
+    /// Components not ready yet (empty: ready).
+    pub fn not_ready(&self) -> Vec<String> {
+        let components = self.components.lock().expect("health lock poisoned");
+        if components.is_empty() {
+            return vec!["(no component registered)".to_owned()];
+        }
+        components
+            .iter()
+            .filter(|(_, flag)| !flag.load(Ordering::SeqCst))
+            .map(|(name, _)| name.clone())
+            .collect()
+    }
+
+    /// Lets a component register its metrics.
+    pub fn register(&self, with: impl FnOnce(&mut Registry)) {
+        with(&mut self.registry.lock().expect("registry lock poisoned"));
+    }
+
+    /// The metrics in the Prometheus text format.
+    pub fn encode_metrics(&self) -> String {
+        let mut out = String::new();
+        let registry = self.registry.lock().expect("registry lock poisoned");
+        let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
+        out
+    }
+
+    /// Serves `/metrics` and `/ready` on `addr` until `shutdown`.
+    pub async fn serve(self, addr: SocketAddr, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+        let app = axum::Router::new()
+            .route("/metrics", get(metrics))
+            .route("/ready", get(ready))
+            .with_state(self);
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding the HTTP endpoint on {addr}"))?;
+        tracing::info!(message = "Serving /metrics and /ready.", %addr);
+        axum::serve(listener, app).with_graceful_shutdown(shutdown).await?;
+        Ok(())
+    }
+}
+
+async fn metrics(State(health): State<Health>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        health.encode_metrics(),
+    )
+}
+
+async fn ready(State(health): State<Health>) -> impl IntoResponse {
+    let waiting = health.not_ready();
+    if waiting.is_empty() {
+        (StatusCode::OK, "ready\n".to_owned())
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, format!("waiting for: {}\n", waiting.join(", ")))
+    }
+}
+
+/// Connects to NATS and declares the topology (idempotent); retries until
+/// NATS answers, so a service can start before the server.
+pub async fn connect_and_ensure(name: &str, config: &CommonConfig) -> anyhow::Result<async_nats::jetstream::Context> {
+    let client = cnnf_bus::connect(&config.nats_url, name)
+        .await
+        .with_context(|| format!("connecting to NATS at {}", config.nats_url))?;
+    let js = cnnf_bus::jetstream(client);
+    let mut delay = std::time::Duration::from_millis(200);
+    loop {
+        match cnnf_bus::topology::ensure(&js, &config.topology()).await {
+            Ok(()) => return Ok(js),
+            Err(error) => {
+                tracing::warn!(message = "Declaring the topology failed; retrying.", %error);
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(std::time::Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+/// The whole `main` of a service binary: parse and check configuration
+/// (exit 64 when wrong), start logging and the runtime, serve `/metrics`
+/// and `/ready` (on `--http-addr`, else `default_http_addr`), and run the
+/// service until SIGINT or SIGTERM.
+pub fn main<C, F, Fut>(name: &str, default_http_addr: &str, common: fn(&C) -> &CommonConfig, run: F) -> ExitCode
+where
+    C: clap::Parser,
+    F: FnOnce(C, Health) -> Fut,
+    Fut: Future<Output = anyhow::Result<()>>,
+{
+    let config: C = match parse_or_exit() {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    if let Err(error) = common(&config).validate() {
+        eprintln!("{name}: invalid configuration: {error:#}");
+        return ExitCode::from(EXIT_BAD_CONFIG);
+    }
+    let addr = match common(&config).http_addr {
+        Some(addr) => addr,
+        None => match default_http_addr.parse() {
+            Ok(addr) => addr,
+            Err(error) => {
+                eprintln!("{name}: invalid default HTTP address {default_http_addr:?}: {error}");
+                return ExitCode::from(EXIT_BAD_CONFIG);
+            }
+        },
+    };
+    init_logging();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("{name}: cannot start the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        let health = Health::default();
+        let server = tokio::spawn(health.clone().serve(addr, shutdown_signal()));
+        let result = run(config, health).await;
+        server.abort();
+        result
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!(message = "Service failed.", error = %format!("{error:#}"));
+            ExitCode::FAILURE
+        }
+    }
+}

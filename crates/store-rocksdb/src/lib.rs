@@ -1,0 +1,103 @@
+//! The RocksDB implementation of the CNNF projection store.
+//!
+//! Each table is a column family; a [`WriteBatch`](cnnf_store::WriteBatch)
+//! becomes one RocksDB write batch, which the write-ahead log makes atomic
+//! across column families. Writes are not fsynced one by one: a process
+//! crash loses nothing that `write` returned, and a power loss can only
+//! roll back the newest batches *together with* the applied sequence
+//! stored in them, so the runner redelivers exactly what was rolled back.
+//!
+//! Only the services that keep projections depend on this crate. The node
+//! agent, the CLI and the core crate must never depend on it (its bundled
+//! C++ build is the slowest part of the workspace).
+
+#![forbid(unsafe_code)]
+
+use std::path::Path;
+
+use cnnf_store::{Entry, Op, ProjectionStore, Result, StoreError, META_TABLE};
+use rocksdb::{ColumnFamilyDescriptor, Direction, IteratorMode, Options, DB};
+
+/// A projection store in one RocksDB database.
+pub struct RocksStore {
+    db: DB,
+    tables: Vec<&'static str>,
+}
+
+impl RocksStore {
+    /// Opens (creating if needed) the database at `path` with `tables` as
+    /// column families, plus the meta table.
+    pub fn open(path: &Path, tables: &[&'static str]) -> Result<Self> {
+        let mut all: Vec<&'static str> = vec![META_TABLE];
+        all.extend(tables.iter().copied().filter(|table| *table != META_TABLE));
+        let mut options = Options::default();
+        options.create_if_missing(true);
+        options.create_missing_column_families(true);
+        options.increase_parallelism(2);
+        // RocksDB refuses to open without every existing column family;
+        // tables a newer version added and this one does not know are
+        // opened too, and left alone.
+        let existing = DB::list_cf(&options, path).unwrap_or_default();
+        let mut names: Vec<String> = all.iter().map(|name| (*name).to_owned()).collect();
+        let unknown: Vec<String> = existing
+            .into_iter()
+            .filter(|name| name != "default" && !names.contains(name))
+            .collect();
+        names.extend(unknown);
+        let descriptors = names
+            .into_iter()
+            .map(|name| ColumnFamilyDescriptor::new(name, Options::default()));
+        let db = DB::open_cf_descriptors(&options, path, descriptors)
+            .map_err(|error| StoreError::Engine(format!("open {}: {error}", path.display())))?;
+        Ok(Self { db, tables: all })
+    }
+
+    fn cf(&self, table: &'static str) -> Result<&rocksdb::ColumnFamily> {
+        self.db
+            .cf_handle(table)
+            .ok_or_else(|| StoreError::UnknownTable(table.to_owned()))
+    }
+}
+
+fn engine(error: rocksdb::Error) -> StoreError {
+    StoreError::Engine(error.into_string())
+}
+
+impl ProjectionStore for RocksStore {
+    fn get(&self, table: &'static str, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        self.db.get_cf(self.cf(table)?, key).map_err(engine)
+    }
+
+    fn scan_prefix(&self, table: &'static str, prefix: &[u8], limit: usize) -> Result<Vec<Entry>> {
+        let iter = self
+            .db
+            .iterator_cf(self.cf(table)?, IteratorMode::From(prefix, Direction::Forward));
+        let mut out = Vec::new();
+        for item in iter {
+            if out.len() >= limit {
+                break;
+            }
+            let (key, value) = item.map_err(engine)?;
+            if !key.starts_with(prefix) {
+                break;
+            }
+            out.push((key.into_vec(), value.into_vec()));
+        }
+        Ok(out)
+    }
+
+    fn write(&self, batch: cnnf_store::WriteBatch) -> Result<()> {
+        let mut rocks = rocksdb::WriteBatch::default();
+        for op in batch.ops() {
+            match op {
+                Op::Put { table, key, value } => rocks.put_cf(self.cf(table)?, key, value),
+                Op::Delete { table, key } => rocks.delete_cf(self.cf(table)?, key),
+            }
+        }
+        self.db.write(rocks).map_err(engine)
+    }
+
+    fn tables(&self) -> Vec<&'static str> {
+        self.tables.clone()
+    }
+}

