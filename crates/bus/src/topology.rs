@@ -52,7 +52,7 @@ impl Default for TopologyConfig {
         Self {
             replicas: 1,
             flows_max_age: 7 * DAY,
-            flows_max_bytes: 10 * 1024 * 1024 * 1024,
+            flows_max_bytes: 2 * 1024 * 1024 * 1024,
             audit_max_age: 28 * DAY,
             duplicate_window: Duration::from_secs(10 * 60),
         }

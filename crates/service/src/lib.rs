@@ -113,9 +113,12 @@ pub async fn shutdown_signal() {
 /// asked for a [`Readiness`] handle has said it is ready.
 #[derive(Clone, Default)]
 pub struct Health {
-    components: Arc<Mutex<Vec<(String, Arc<AtomicBool>)>>>,
+    components: Arc<Mutex<Vec<Component>>>,
     registry: Arc<Mutex<Registry>>,
 }
+
+/// A registered component: its name and readiness flag.
+type Component = (String, Arc<AtomicBool>);
 
 /// One component's readiness flag.
 #[derive(Clone)]

@@ -294,7 +294,7 @@ impl NatsServer {
             "server_name: \"{name}\"\n\
              listen: 127.0.0.1:{port}\n\
              http: 127.0.0.1:{http}\n\
-             jetstream {{\n  store_dir: \"{store}\"\n  max_memory_store: 256MB\n  max_file_store: 4GB\n}}\n",
+             jetstream {{\n  store_dir: \"{store}\"\n  max_memory_store: 256MB\n  max_file_store: 64GB\n}}\n",
             name = self.name,
             port = self.port,
             http = self.http_port,
