@@ -137,6 +137,10 @@ pub async fn publish(js: jetstream::Context, cluster: &str) -> anyhow::Result<()
         publisher.publish(message).await?;
     }
     publisher.flush().await?;
-    println!("published {count} demo events ({} workloads, {} connections)", FLEET.len(), CONNECTIONS.len());
+    println!(
+        "published {count} demo events ({} workloads, {} connections)",
+        FLEET.len(),
+        CONNECTIONS.len()
+    );
     Ok(())
 }

@@ -56,7 +56,11 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(error) => {
             let _ = error.print();
-            return if error.use_stderr() { ExitCode::from(64) } else { ExitCode::SUCCESS };
+            return if error.use_stderr() {
+                ExitCode::from(64)
+            } else {
+                ExitCode::SUCCESS
+            };
         }
     };
     let runtime = match tokio::runtime::Runtime::new() {
@@ -91,12 +95,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 async fn status(js: &jetstream::Context) -> anyhow::Result<()> {
-    println!("{:<22} {:>10} {:>12} {:>10}", "STREAM", "MESSAGES", "BYTES", "CONSUMERS");
+    println!(
+        "{:<22} {:>10} {:>12} {:>10}",
+        "STREAM", "MESSAGES", "BYTES", "CONSUMERS"
+    );
     let config = topology::TopologyConfig::default();
-    let names = topology::streams(&config)
-        .into_iter()
-        .map(|stream| stream.name)
-        .chain(topology::buckets(&config).into_iter().map(|bucket| format!("KV_{}", bucket.bucket)));
+    let names = topology::streams(&config).into_iter().map(|stream| stream.name).chain(
+        topology::buckets(&config)
+            .into_iter()
+            .map(|bucket| format!("KV_{}", bucket.bucket)),
+    );
     for name in names {
         match js.get_stream(&name).await {
             Ok(mut stream) => {
@@ -110,12 +118,18 @@ async fn status(js: &jetstream::Context) -> anyhow::Result<()> {
         }
     }
     println!();
-    println!("{:<22} {:<18} {:>12} {:>12}", "CONSUMER", "STREAM", "PENDING", "APPLIED SEQ");
+    println!(
+        "{:<22} {:<18} {:>12} {:>12}",
+        "CONSUMER", "STREAM", "PENDING", "APPLIED SEQ"
+    );
     for spec in topology::CONSUMERS {
         let Ok(stream) = js.get_stream(spec.stream).await else {
             continue;
         };
-        match stream.get_consumer::<jetstream::consumer::pull::Config>(spec.durable).await {
+        match stream
+            .get_consumer::<jetstream::consumer::pull::Config>(spec.durable)
+            .await
+        {
             Ok(mut consumer) => {
                 let info = consumer.info().await?;
                 println!(

@@ -1,6 +1,8 @@
 //! The cost of the checks every consumer applies to a message
 //! (`cnnf_core::envelope::decode`) against a bare protobuf decode.
 
+#![allow(missing_docs)] // criterion_group! generates an undocumented public fn.
+
 use criterion::{criterion_group, criterion_main, Criterion};
 use prost::Message;
 

@@ -51,7 +51,13 @@ async fn agent_publishes_numbered_heartbeats_on_its_own_subject() {
         };
         assert_eq!(heartbeat.sequence, expected);
         assert_eq!(envelope.event_id, format!("node-7:{}:{expected}", heartbeat.boot_id));
-        let msg_id = message.headers.as_ref().unwrap().get("Nats-Msg-Id").unwrap().to_string();
+        let msg_id = message
+            .headers
+            .as_ref()
+            .unwrap()
+            .get("Nats-Msg-Id")
+            .unwrap()
+            .to_string();
         assert_eq!(msg_id, envelope.event_id);
         assert_eq!(*boot.get_or_insert(heartbeat.boot_id.clone()), heartbeat.boot_id);
     }

@@ -9,10 +9,12 @@
 //! publishes loses nothing and duplicates nothing.
 
 use std::collections::VecDeque;
+use std::future::IntoFuture;
 use std::time::Duration;
 
-use async_nats::jetstream::context::{PublishAckFuture, PublishErrorKind};
+use async_nats::jetstream::context::{PublishError as AckError, PublishErrorKind};
 use async_nats::jetstream::message::PublishMessage;
+use async_nats::jetstream::publish::PublishAck;
 use async_nats::jetstream::Context;
 use async_nats::HeaderMap;
 use bytes::Bytes;
@@ -144,9 +146,14 @@ impl PublisherMetrics {
     }
 }
 
+/// The ack of one send, awaited by its own task from the moment it is sent,
+/// so that the ack timeouts of a window of messages lost in an outage run
+/// concurrently rather than one after the other.
+type PendingAck = tokio::task::JoinHandle<Result<PublishAck, AckError>>;
+
 struct InFlight {
     message: OutgoingMessage,
-    ack: Option<PublishAckFuture>,
+    ack: Option<PendingAck>,
     attempts: u32,
     first_sent: tokio::time::Instant,
     last_error: String,
@@ -218,7 +225,7 @@ impl Publisher {
             .send_publish(entry.message.subject.clone(), entry.message.to_publish())
             .await
         {
-            Ok(ack) => entry.ack = Some(ack),
+            Ok(ack) => entry.ack = Some(tokio::spawn(ack.into_future())),
             Err(error) if matches!(error.kind(), PublishErrorKind::MaxPayloadExceeded) => {
                 return Err(PublishError::Rejected {
                     subject: entry.message.subject.clone(),
@@ -242,7 +249,10 @@ impl Publisher {
         let mut backoff = self.config.backoff;
         loop {
             if let Some(ack) = entry.ack.take() {
-                match ack.await {
+                let result = ack
+                    .await
+                    .unwrap_or_else(|join| Err(AckError::with_source(PublishErrorKind::Other, join)));
+                match result {
                     Ok(ack) => {
                         if ack.duplicate {
                             self.metrics.duplicates.inc();

@@ -32,7 +32,9 @@ use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::{self, Message};
 use cnnf_core::envelope::{self, Rejection};
 use cnnf_proto::v1::Envelope;
-use cnnf_store::{applied_key, applied_sequence, dead_letter_key, encode_u64, ProjectionStore, StoreError, Txn, META_TABLE};
+use cnnf_store::{
+    applied_key, applied_sequence, dead_letter_key, encode_u64, ProjectionStore, StoreError, Txn, META_TABLE,
+};
 use futures::future::FutureExt;
 use futures::StreamExt;
 use prometheus_client::encoding::EncodeLabelSet;
@@ -173,7 +175,11 @@ pub struct RunnerMetrics {
 impl RunnerMetrics {
     /// Registers the counters under `prefix` (e.g. `cnnf_ingest_projection`).
     pub fn register(&self, registry: &mut Registry, prefix: &str) {
-        registry.register(format!("{prefix}_applied"), "Events applied to the projection", self.applied.clone());
+        registry.register(
+            format!("{prefix}_applied"),
+            "Events applied to the projection",
+            self.applied.clone(),
+        );
         registry.register(
             format!("{prefix}_skipped"),
             "Messages skipped because the store had already applied them",
@@ -184,7 +190,11 @@ impl RunnerMetrics {
             "Messages quarantined on cnnf.dlq.<consumer>, by reason",
             self.dead_lettered.clone(),
         );
-        registry.register(format!("{prefix}_batches"), "Store writes committed", self.batches.clone());
+        registry.register(
+            format!("{prefix}_batches"),
+            "Store writes committed",
+            self.batches.clone(),
+        );
         registry.register(
             format!("{prefix}_applied_sequence"),
             "Last stream sequence committed to the store",

@@ -116,10 +116,15 @@ mod tests {
     fn rejects_garbage_truncation_versions_and_size() {
         let bytes = encode(heartbeat());
         assert_eq!(
-            decode(&bytes[..bytes.len() - 3], DEFAULT_MAX_MESSAGE_BYTES).unwrap_err().reason(),
+            decode(&bytes[..bytes.len() - 3], DEFAULT_MAX_MESSAGE_BYTES)
+                .unwrap_err()
+                .reason(),
             "malformed"
         );
-        assert_eq!(decode(&[0xff; 16], DEFAULT_MAX_MESSAGE_BYTES).unwrap_err().reason(), "malformed");
+        assert_eq!(
+            decode(&[0xff; 16], DEFAULT_MAX_MESSAGE_BYTES).unwrap_err().reason(),
+            "malformed"
+        );
         let mut future = heartbeat();
         future.schema_version = 2;
         let future = prost::Message::encode_to_vec(&future);
@@ -129,6 +134,9 @@ mod tests {
         );
         assert_eq!(decode(&bytes, 4).unwrap_err().reason(), "oversized");
         let empty = encode(Envelope::default());
-        assert_eq!(decode(&empty, DEFAULT_MAX_MESSAGE_BYTES).unwrap_err(), Rejection::NoPayload);
+        assert_eq!(
+            decode(&empty, DEFAULT_MAX_MESSAGE_BYTES).unwrap_err(),
+            Rejection::NoPayload
+        );
     }
 }

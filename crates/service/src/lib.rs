@@ -49,7 +49,11 @@ impl CommonConfig {
     /// Checks what clap cannot: names that must be subject tokens.
     pub fn validate(&self) -> anyhow::Result<()> {
         cnnf_core::subjects::Token::new("cluster", &self.cluster)?;
-        anyhow::ensure!(self.replicas >= 1 && self.replicas <= 5, "--replicas must be between 1 and 5, got {}", self.replicas);
+        anyhow::ensure!(
+            self.replicas >= 1 && self.replicas <= 5,
+            "--replicas must be between 1 and 5, got {}",
+            self.replicas
+        );
         Ok(())
     }
 
@@ -169,7 +173,11 @@ impl Health {
     }
 
     /// Serves `/metrics` and `/ready` on `addr` until `shutdown`.
-    pub async fn serve(self, addr: SocketAddr, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    pub async fn serve(
+        self,
+        addr: SocketAddr,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
         let app = axum::Router::new()
             .route("/metrics", get(metrics))
             .route("/ready", get(ready))
@@ -185,7 +193,10 @@ impl Health {
 
 async fn metrics(State(health): State<Health>) -> impl IntoResponse {
     (
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         health.encode_metrics(),
     )
 }
@@ -195,7 +206,10 @@ async fn ready(State(health): State<Health>) -> impl IntoResponse {
     if waiting.is_empty() {
         (StatusCode::OK, "ready\n".to_owned())
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, format!("waiting for: {}\n", waiting.join(", ")))
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("waiting for: {}\n", waiting.join(", ")),
+        )
     }
 }
 

@@ -139,10 +139,7 @@ fn txn_reads_its_own_writes(store: &dyn ProjectionStore) {
     assert_eq!(txn.get_u64("alpha", b"n").unwrap(), 12);
     assert_eq!(txn.get("alpha", b"new").unwrap(), None);
     store.write(txn.into_batch()).unwrap();
-    assert_eq!(
-        store.get("alpha", b"n").unwrap(),
-        Some(crate::encode_u64(12).to_vec())
-    );
+    assert_eq!(store.get("alpha", b"n").unwrap(), Some(crate::encode_u64(12).to_vec()));
     assert_eq!(store.get("alpha", b"new").unwrap(), None);
     assert_eq!(store.get("alpha", b"doomed").unwrap(), None);
 }

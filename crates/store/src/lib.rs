@@ -85,10 +85,7 @@ impl WriteBatch {
 
     /// Adds a delete.
     pub fn delete(&mut self, table: &'static str, key: impl Into<Vec<u8>>) {
-        self.ops.push(Op::Delete {
-            table,
-            key: key.into(),
-        });
+        self.ops.push(Op::Delete { table, key: key.into() });
     }
 
     /// The changes in the order they were added (later ones win).
@@ -154,8 +151,9 @@ pub fn decode_u64(bytes: &[u8]) -> Option<u64> {
 pub fn read_u64(store: &dyn ProjectionStore, table: &'static str, key: &[u8]) -> Result<u64> {
     match store.get(table, key)? {
         None => Ok(0),
-        Some(bytes) => decode_u64(&bytes)
-            .ok_or_else(|| StoreError::Engine(format!("value of {key:?} in {table} is not a u64"))),
+        Some(bytes) => {
+            decode_u64(&bytes).ok_or_else(|| StoreError::Engine(format!("value of {key:?} in {table} is not a u64")))
+        }
     }
 }
 

@@ -47,12 +47,7 @@ fn check_binary() -> Result<PathBuf, String> {
         .arg("--version")
         .stdin(Stdio::null())
         .output()
-        .map_err(|e| {
-            format!(
-                "cannot run `{} --version`: {e}. {INSTALL_HINT}",
-                bin.display()
-            )
-        })?;
+        .map_err(|e| format!("cannot run `{} --version`: {e}. {INSTALL_HINT}", bin.display()))?;
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -301,11 +296,7 @@ impl NatsServer {
             store = self.store.display(),
         );
         if let Some(c) = &self.cluster {
-            let routes: Vec<String> = c
-                .routes
-                .iter()
-                .map(|p| format!("nats-route://127.0.0.1:{p}"))
-                .collect();
+            let routes: Vec<String> = c.routes.iter().map(|p| format!("nats-route://127.0.0.1:{p}")).collect();
             conf.push_str(&format!(
                 "cluster {{\n  name: \"{}\"\n  listen: 127.0.0.1:{}\n  routes: [{}]\n}}\n",
                 c.name,
@@ -318,10 +309,7 @@ impl NatsServer {
 
     fn spawn(&mut self) -> io::Result<()> {
         self.write_config()?;
-        let mut log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.log_path())?;
+        let mut log = OpenOptions::new().create(true).append(true).open(self.log_path())?;
         writeln!(
             log,
             "=== cnnf-testkit: starting {} on port {} ===",
@@ -355,10 +343,7 @@ impl NatsServer {
             }
             match http_get(self.http_port, "/healthz").await {
                 Some((200, _)) => {
-                    if tokio::net::TcpStream::connect(("127.0.0.1", self.port))
-                        .await
-                        .is_ok()
-                    {
+                    if tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await.is_ok() {
                         return Ok(());
                     }
                     last = "client port not accepting".into();
@@ -405,9 +390,7 @@ fn is_addr_in_use(log: &str) -> bool {
 /// A tiny HTTP/1.0 GET against the monitoring port: `(status, body)`.
 async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     let fut = async {
-        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .ok()?;
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
         let req = format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\n\r\n");
         stream.write_all(req.as_bytes()).await.ok()?;
         let mut buf = Vec::new();
@@ -420,10 +403,7 @@ async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
             .unwrap_or_default();
         Some((status, body))
     };
-    tokio::time::timeout(Duration::from_secs(2), fut)
-        .await
-        .ok()
-        .flatten()
+    tokio::time::timeout(Duration::from_secs(2), fut).await.ok().flatten()
 }
 
 /// A cluster of JetStream-enabled nats-servers joined by routes on 127.0.0.1.
@@ -460,12 +440,7 @@ impl NatsCluster {
                             .map(|(_, p)| *p)
                             .collect(),
                     };
-                    NatsServer::prepare(
-                        format!("{name}-n{i}"),
-                        ports[3 * i],
-                        ports[3 * i + 1],
-                        Some(spec),
-                    )
+                    NatsServer::prepare(format!("{name}-n{i}"), ports[3 * i], ports[3 * i + 1], Some(spec))
                 })
                 .collect();
             match Self::launch_all(&mut nodes).await {
@@ -477,11 +452,7 @@ impl NatsCluster {
                     let in_use = nodes.iter().any(|n| is_addr_in_use(&n.log_tail()));
                     last = e;
                     for node in &nodes {
-                        last.push_str(&format!(
-                            "\n--- log tail of {} ---\n{}",
-                            node.name,
-                            node.log_tail()
-                        ));
+                        last.push_str(&format!("\n--- log tail of {} ---\n{}", node.name, node.log_tail()));
                     }
                     if !in_use || attempt == START_ATTEMPTS {
                         break;

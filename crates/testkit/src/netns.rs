@@ -165,17 +165,13 @@ struct SubnetLock {
 
 impl SubnetLock {
     fn acquire() -> io::Result<SubnetLock> {
-        fs::create_dir_all(LOCK_DIR)
-            .map_err(|e| io::Error::new(e.kind(), format!("cannot create {LOCK_DIR}: {e}")))?;
+        fs::create_dir_all(LOCK_DIR).map_err(|e| io::Error::new(e.kind(), format!("cannot create {LOCK_DIR}: {e}")))?;
         // Start at a per-process pseudo-random index to avoid contention.
         let nanos = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.subsec_nanos() as usize)
             .unwrap_or(0);
-        let start = (std::process::id() as usize)
-            .wrapping_mul(31)
-            .wrapping_add(nanos)
-            % SUBNETS;
+        let start = (std::process::id() as usize).wrapping_mul(31).wrapping_add(nanos) % SUBNETS;
         for off in 0..SUBNETS {
             let k = ((start + off) % SUBNETS) as u8;
             if let Some(lock) = Self::try_lock(k)? {
@@ -197,17 +193,12 @@ impl SubnetLock {
                 .create(true)
                 .truncate(false)
                 .open(&path)
-                .map_err(|e| {
-                    io::Error::new(e.kind(), format!("cannot open {}: {e}", path.display()))
-                })?;
+                .map_err(|e| io::Error::new(e.kind(), format!("cannot open {}: {e}", path.display())))?;
             match file.try_lock() {
                 Ok(()) => {}
                 Err(fs::TryLockError::WouldBlock) => return Ok(None),
                 Err(fs::TryLockError::Error(e)) => {
-                    return Err(io::Error::new(
-                        e.kind(),
-                        format!("cannot lock {}: {e}", path.display()),
-                    ))
+                    return Err(io::Error::new(e.kind(), format!("cannot lock {}: {e}", path.display())))
                 }
             }
             // The previous owner unlinks the file before unlocking it; if we
@@ -273,10 +264,7 @@ impl Lab {
             lock,
         };
         let cidr = format!("{}/24", lab.bridge_ip());
-        run(
-            "ip",
-            &["link", "add", "name", &lab.bridge, "type", "bridge"],
-        )?;
+        run("ip", &["link", "add", "name", &lab.bridge, "type", "bridge"])?;
         lab.bridge_created = true;
         run("ip", &["addr", "add", &cidr, "dev", &lab.bridge])?;
         run("ip", &["link", "set", &lab.bridge, "up"])?;
@@ -313,10 +301,7 @@ impl Lab {
 
     /// The lab's network address and prefix length, e.g. `(10.199.7.0, 24)`.
     pub fn subnet(&self) -> (Ipv4Addr, u8) {
-        (
-            Ipv4Addr::new(NET_PREFIX[0], NET_PREFIX[1], self.lock.index, 0),
-            24,
-        )
+        (Ipv4Addr::new(NET_PREFIX[0], NET_PREFIX[1], self.lock.index, 0), 24)
     }
 
     /// Adds one more namespace to the lab (a new container appears) and
@@ -363,10 +348,7 @@ impl Lab {
                 ns,
             ],
         )?;
-        run(
-            "ip",
-            &["link", "set", &c.host_veth, "master", &self.bridge, "up"],
-        )?;
+        run("ip", &["link", "set", &c.host_veth, "master", &self.bridge, "up"])?;
         run("ip", &["-n", ns, "link", "set", "lo", "up"])?;
         run("ip", &["-n", ns, "addr", "add", &addr, "dev", "eth0"])?;
         run("ip", &["-n", ns, "link", "set", "eth0", "up"])?;
@@ -427,38 +409,31 @@ impl FakeContainer {
     /// Runs a command inside the namespace and returns its output, whatever
     /// its exit status (an error only if it could not be run at all).
     pub fn exec(&self, program: &str, args: &[&str]) -> io::Result<Output> {
-        self.command(program, args)
-            .stdin(Stdio::null())
-            .output()
-            .map_err(|e| {
-                io::Error::new(
-                    e.kind(),
-                    format!(
-                        "`ip netns exec {} {}` could not be started: {e}",
-                        self.name,
-                        cmdline(program, args)
-                    ),
-                )
-            })
+        self.command(program, args).stdin(Stdio::null()).output().map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!(
+                    "`ip netns exec {} {}` could not be started: {e}",
+                    self.name,
+                    cmdline(program, args)
+                ),
+            )
+        })
     }
 
     /// Spawns a long-running command inside the namespace (stdin closed,
     /// stdout/stderr inherited); the returned guard kills it on drop.
     pub fn spawn(&self, program: &str, args: &[&str]) -> io::Result<ChildGuard> {
-        let child = self
-            .command(program, args)
-            .stdin(Stdio::null())
-            .spawn()
-            .map_err(|e| {
-                io::Error::new(
-                    e.kind(),
-                    format!(
-                        "`ip netns exec {} {}` could not be spawned: {e}",
-                        self.name,
-                        cmdline(program, args)
-                    ),
-                )
-            })?;
+        let child = self.command(program, args).stdin(Stdio::null()).spawn().map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!(
+                    "`ip netns exec {} {}` could not be spawned: {e}",
+                    self.name,
+                    cmdline(program, args)
+                ),
+            )
+        })?;
         Ok(ChildGuard::new(child))
     }
 
@@ -466,26 +441,23 @@ impl FakeContainer {
     /// so it can open real sockets inside it; returns `f`'s result. Sockets
     /// keep their namespace after the thread ends. A panic in `f` is
     /// propagated.
-    pub fn run_in<T: Send + 'static>(
-        &self,
-        f: impl FnOnce() -> T + Send + 'static,
-    ) -> io::Result<T> {
+    pub fn run_in<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> io::Result<T> {
         let path = self.netns_path();
-        let ns = File::open(&path).map_err(|e| {
-            io::Error::new(e.kind(), format!("cannot open {}: {e}", path.display()))
-        })?;
-        let handle = std::thread::Builder::new()
-            .name(format!("netns-{}", self.name))
-            .spawn(move || -> io::Result<T> {
-                nix::sched::setns(&ns, CloneFlags::CLONE_NEWNET).map_err(|e| {
-                    io::Error::new(
-                        io::Error::from(e).kind(),
-                        format!("setns({}) failed: {e}", path.display()),
-                    )
+        let ns =
+            File::open(&path).map_err(|e| io::Error::new(e.kind(), format!("cannot open {}: {e}", path.display())))?;
+        let handle =
+            std::thread::Builder::new()
+                .name(format!("netns-{}", self.name))
+                .spawn(move || -> io::Result<T> {
+                    nix::sched::setns(&ns, CloneFlags::CLONE_NEWNET).map_err(|e| {
+                        io::Error::new(
+                            io::Error::from(e).kind(),
+                            format!("setns({}) failed: {e}", path.display()),
+                        )
+                    })?;
+                    drop(ns);
+                    Ok(f())
                 })?;
-                drop(ns);
-                Ok(f())
-            })?;
         match handle.join() {
             Ok(result) => result,
             Err(panic) => std::panic::resume_unwind(panic),
@@ -548,9 +520,7 @@ impl ChildGuard {
 
     /// Whether the process is still running.
     pub fn is_running(&mut self) -> bool {
-        self.child
-            .as_mut()
-            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
     /// Kills the process now and returns its exit status.
@@ -586,9 +556,7 @@ impl TcpServerGuard {
     fn serve(listener: TcpListener) -> io::Result<TcpServerGuard> {
         let addr = match listener.local_addr()? {
             SocketAddr::V4(a) => a,
-            SocketAddr::V6(a) => {
-                return Err(io::Error::other(format!("unexpected IPv6 listener {a}")))
-            }
+            SocketAddr::V6(a) => return Err(io::Error::other(format!("unexpected IPv6 listener {a}"))),
         };
         listener.set_nonblocking(true)?;
         let stop = Arc::new(AtomicBool::new(false));
@@ -665,11 +633,7 @@ fn accept_loop(listener: TcpListener, stop: Arc<AtomicBool>, accepted: Arc<Atomi
 
 fn echo(mut stream: TcpStream, stop: &AtomicBool) {
     use std::io::Read as _;
-    if stream.set_nonblocking(false).is_err()
-        || stream
-            .set_read_timeout(Some(Duration::from_millis(50)))
-            .is_err()
-    {
+    if stream.set_nonblocking(false).is_err() || stream.set_read_timeout(Some(Duration::from_millis(50))).is_err() {
         return;
     }
     let mut buf = [0u8; 4096];
@@ -684,9 +648,7 @@ fn echo(mut stream: TcpStream, stop: &AtomicBool) {
             Err(e)
                 if matches!(
                     e.kind(),
-                    io::ErrorKind::WouldBlock
-                        | io::ErrorKind::TimedOut
-                        | io::ErrorKind::Interrupted
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted
                 ) => {}
             Err(_) => return,
         }

@@ -124,10 +124,7 @@ fn lab_containers_talk_through_the_bridge() {
     let server = lab.container(1).tcp_listen(8080).unwrap();
     let dst = SocketAddrV4::new(lab.container(1).ip(), 8080);
     assert_eq!(server.addr(), dst);
-    let took = lab
-        .container(0)
-        .tcp_connect(dst, Duration::from_secs(5))
-        .unwrap();
+    let took = lab.container(0).tcp_connect(dst, Duration::from_secs(5)).unwrap();
     assert!(took < Duration::from_secs(5));
     let deadline = Instant::now() + Duration::from_secs(5);
     while server.accepted() == 0 && Instant::now() < deadline {
@@ -152,10 +149,7 @@ fn lab_containers_talk_through_the_bridge() {
 
     // A closed port is refused, not hung.
     let closed = SocketAddrV4::new(lab.container(1).ip(), 8081);
-    assert!(lab
-        .container(0)
-        .tcp_connect(closed, Duration::from_secs(5))
-        .is_err());
+    assert!(lab.container(0).tcp_connect(closed, Duration::from_secs(5)).is_err());
 
     // `run_in` really is in another network namespace.
     let host_ns = std::fs::read_link("/proc/thread-self/ns/net").unwrap();
@@ -181,27 +175,13 @@ fn dropped_lab_leaves_nothing_behind() {
     assert_eq!(lab.containers().len(), 3);
     // The new container is reachable like the others.
     let server = lab.container(0).tcp_listen(0).unwrap();
-    added
-        .tcp_connect(server.addr(), Duration::from_secs(5))
-        .unwrap();
+    added.tcp_connect(server.addr(), Duration::from_secs(5)).unwrap();
     drop(server);
 
     let bridge = lab.bridge_name().to_string();
-    let names: Vec<String> = lab
-        .containers()
-        .iter()
-        .map(|c| c.name().to_string())
-        .collect();
-    let veths: Vec<String> = lab
-        .containers()
-        .iter()
-        .map(|c| c.host_veth().to_string())
-        .collect();
-    let lock = format!(
-        "{}/subnet-{}.lock",
-        cnnf_testkit::netns::LOCK_DIR,
-        lab.index()
-    );
+    let names: Vec<String> = lab.containers().iter().map(|c| c.name().to_string()).collect();
+    let veths: Vec<String> = lab.containers().iter().map(|c| c.host_veth().to_string()).collect();
+    let lock = format!("{}/subnet-{}.lock", cnnf_testkit::netns::LOCK_DIR, lab.index());
     assert!(names.iter().all(|n| netns_exists(n)));
     assert!(std::path::Path::new(&lock).exists());
     drop(lab);
@@ -223,10 +203,7 @@ fn dropped_lab_leaves_nothing_behind() {
         .args(["link", "show", &bridge])
         .output()
         .unwrap();
-    assert!(
-        !bridge_show.status.success(),
-        "bridge {bridge} still exists"
-    );
+    assert!(!bridge_show.status.success(), "bridge {bridge} still exists");
     for v in &veths {
         assert!(!link_exists(v), "veth {v} still exists");
     }
@@ -235,17 +212,12 @@ fn dropped_lab_leaves_nothing_behind() {
 
 #[test]
 fn labs_created_at_once_are_disjoint() {
-    let handles: Vec<_> = (0..2)
-        .map(|_| std::thread::spawn(|| Lab::new(1).unwrap()))
-        .collect();
+    let handles: Vec<_> = (0..2).map(|_| std::thread::spawn(|| Lab::new(1).unwrap())).collect();
     let labs: Vec<Lab> = handles.into_iter().map(|h| h.join().unwrap()).collect();
     assert_ne!(labs[0].subnet(), labs[1].subnet());
     assert_ne!(labs[0].bridge_ip(), labs[1].bridge_ip());
     assert_ne!(labs[0].bridge_name(), labs[1].bridge_name());
     assert_ne!(labs[0].container(0).name(), labs[1].container(0).name());
-    assert_ne!(
-        labs[0].container(0).host_veth(),
-        labs[1].container(0).host_veth()
-    );
+    assert_ne!(labs[0].container(0).host_veth(), labs[1].container(0).host_veth());
     assert_ne!(labs[0].container(0).ip(), labs[1].container(0).ip());
 }

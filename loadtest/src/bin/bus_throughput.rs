@@ -112,7 +112,11 @@ async fn cnnf_publish(js: &jetstream::Context, payloads: &[Bytes], window: usize
     );
     for (i, payload) in payloads.iter().enumerate() {
         publisher
-            .publish(OutgoingMessage::new(format!("bench.cnnf.{}", i % 8), format!("bench:{i}"), payload.clone()))
+            .publish(OutgoingMessage::new(
+                format!("bench.cnnf.{}", i % 8),
+                format!("bench:{i}"),
+                payload.clone(),
+            ))
             .await?;
     }
     publisher.flush().await?;
@@ -135,7 +139,7 @@ async fn raw_consume(js: &jetstream::Context, events: u64, batch: usize) -> anyh
     while seen < events {
         let message = messages.next().await.context("stream ended")??;
         seen += 1;
-        if seen % batch as u64 == 0 || seen == events {
+        if seen.is_multiple_of(batch as u64) || seen == events {
             message.ack().await.map_err(|error| anyhow::anyhow!(error))?;
         }
     }
@@ -209,7 +213,12 @@ async fn main() -> anyhow::Result<()> {
     make_stream(&js, "BENCH_CNNF", "bench.cnnf.*").await?;
 
     let payloads: Vec<Bytes> = (0..args.events)
-        .map(|i| Bytes::from(cnnf_core::envelope::encode(cnnf_loadtest::decision_event(i, "bench-node"))))
+        .map(|i| {
+            Bytes::from(cnnf_core::envelope::encode(cnnf_loadtest::decision_event(
+                i,
+                "bench-node",
+            )))
+        })
         .collect();
     let size = payloads.iter().map(Bytes::len).sum::<usize>() / payloads.len().max(1);
     println!(

@@ -12,14 +12,22 @@ use cnnf_testkit::NatsServer;
 const BIN: &str = env!("CARGO_BIN_EXE_cnnf-allinone");
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A plain HTTP GET: (status code, body).
 fn get(addr: &str, path: &str) -> Option<(u16, String)> {
     let mut stream = TcpStream::connect(addr).ok()?;
     stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
     let mut response = String::new();
     stream.read_to_string(&mut response).ok()?;
     let status = response.split_whitespace().nth(1)?.parse().ok()?;
@@ -57,10 +65,15 @@ async fn allinone_declares_the_topology_reports_ready_and_stops_on_sigterm() {
 
     let js = async_nats::jetstream::new(async_nats::connect(server.url()).await.unwrap());
     for stream in cnnf_bus::topology::streams(&Default::default()) {
-        js.get_stream(&stream.name).await.unwrap_or_else(|_| panic!("{} missing", stream.name));
+        js.get_stream(&stream.name)
+            .await
+            .unwrap_or_else(|_| panic!("{} missing", stream.name));
     }
 
-    Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
     let started = Instant::now();
     let status = loop {
         if let Some(status) = child.try_wait().unwrap() {

@@ -21,7 +21,11 @@ pub const DEFAULT_HTTP_ADDR: &str = "127.0.0.1:9104";
 
 /// Configuration of the audit service.
 #[derive(Debug, Clone, clap::Parser)]
-#[command(name = "cnnf-audit", version, about = "CNNF audit service: audits for integrations, the forensic index, replay and policy simulation")]
+#[command(
+    name = "cnnf-audit",
+    version,
+    about = "CNNF audit service: audits for integrations, the forensic index, replay and policy simulation"
+)]
 pub struct Config {
     /// Settings every service shares.
     #[command(flatten)]

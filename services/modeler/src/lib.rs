@@ -21,7 +21,11 @@ pub const DEFAULT_HTTP_ADDR: &str = "127.0.0.1:9102";
 
 /// Configuration of the modeler service.
 #[derive(Debug, Clone, clap::Parser)]
-#[command(name = "cnnf-modeler", version, about = "CNNF modeler service: one model per image: learning, locking, and every model change on the log")]
+#[command(
+    name = "cnnf-modeler",
+    version,
+    about = "CNNF modeler service: one model per image: learning, locking, and every model change on the log"
+)]
 pub struct Config {
     /// Settings every service shares.
     #[command(flatten)]

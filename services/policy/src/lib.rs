@@ -21,7 +21,11 @@ pub const DEFAULT_HTTP_ADDR: &str = "127.0.0.1:9103";
 
 /// Configuration of the policy service.
 #[derive(Debug, Clone, clap::Parser)]
-#[command(name = "cnnf-policy", version, about = "CNNF policy service: network objects, rules and modes; conflict detection; compiled verdict tables for the agents")]
+#[command(
+    name = "cnnf-policy",
+    version,
+    about = "CNNF policy service: network objects, rules and modes; conflict detection; compiled verdict tables for the agents"
+)]
 pub struct Config {
     /// Settings every service shares.
     #[command(flatten)]
