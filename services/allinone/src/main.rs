@@ -9,7 +9,7 @@ use cnnf_service::{CommonConfig, Health};
 use futures::FutureExt;
 
 /// Default address of `/metrics` and `/ready`.
-const DEFAULT_HTTP_ADDR: &str = "127.0.0.1:9100";
+const DEFAULT_HTTP_ADDR: &str = "127.0.0.1:9105";
 
 /// Configuration of the all-in-one process.
 #[derive(Debug, Clone, clap::Parser)]
