@@ -87,7 +87,12 @@ async fn make_stream(js: &jetstream::Context, name: &str, subject: &str) -> anyh
 
 /// Plain async publishes with a window of pending acks; with `ids`, each
 /// carries a `Nats-Msg-Id` (so the server's dedup cost is in the baseline).
-async fn raw_publish(js: &jetstream::Context, payloads: &[Bytes], window: usize, ids: bool) -> anyhow::Result<Duration> {
+async fn raw_publish(
+    js: &jetstream::Context,
+    payloads: &[Bytes],
+    window: usize,
+    ids: bool,
+) -> anyhow::Result<Duration> {
     let started = Instant::now();
     let mut pending = VecDeque::with_capacity(window);
     for (i, payload) in payloads.iter().enumerate() {
