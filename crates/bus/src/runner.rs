@@ -95,7 +95,9 @@ pub struct RunnerConfig {
     pub filter_subjects: Vec<String>,
     /// Most messages committed in one store write.
     pub batch_size: usize,
-    /// How long to wait for more messages before committing a partial batch.
+    /// How long to wait for more messages before committing a partial
+    /// batch. Zero (the default) commits as soon as nothing more is
+    /// buffered: batches grow with the load and latency stays low when idle.
     pub batch_wait: Duration,
     /// Larger messages are dead-lettered as oversized.
     pub max_message_bytes: usize,
@@ -121,7 +123,7 @@ impl RunnerConfig {
             durable: durable.to_owned(),
             filter_subjects: Vec::new(),
             batch_size: 1000,
-            batch_wait: Duration::from_millis(20),
+            batch_wait: Duration::ZERO,
             max_message_bytes: envelope::DEFAULT_MAX_MESSAGE_BYTES,
             ack_wait: Duration::from_secs(30),
         }

@@ -102,7 +102,7 @@ async fn raw_publish(
         }
         let subject = format!("bench.raw.{}", i % 8);
         let ack = if ids {
-            let publish = jetstream::context::Publish::build()
+            let publish = jetstream::message::PublishMessage::build()
                 .payload(payload.clone())
                 .message_id(format!("raw:{i}"));
             js.send_publish(subject, publish).await?

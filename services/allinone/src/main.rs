@@ -29,9 +29,7 @@ async fn run(config: Config, health: Health, shutdown: impl Future<Output = ()>)
     };
     tokio::try_join!(
         cnnf_ingest::run(
-            cnnf_ingest::Config {
-                common: with_data("ingest")
-            },
+            cnnf_ingest::Config::new(with_data("ingest")),
             health.clone(),
             shutdown.clone()
         ),
