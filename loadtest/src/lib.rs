@@ -62,6 +62,26 @@ pub fn decision_event(i: u64, node: &str) -> Envelope {
     }
 }
 
+/// The NATS server a benchmark runs against: the one at `url`, or a fresh
+/// one started here (kept running while the returned guard lives), with
+/// the CNNF topology declared. Returns the guard, a JetStream context and
+/// the server's URL.
+pub async fn nats(
+    url: Option<&str>,
+) -> anyhow::Result<(Option<cnnf_testkit::NatsServer>, async_nats::jetstream::Context, String)> {
+    let (server, url) = match url {
+        Some(url) => (None, url.to_owned()),
+        None => {
+            let server = cnnf_testkit::NatsServer::start().await;
+            let url = server.url();
+            (Some(server), url)
+        }
+    };
+    let js = cnnf_bus::jetstream(async_nats::connect(&url).await?);
+    cnnf_bus::topology::ensure(&js, &Default::default()).await?;
+    Ok((server, js, url))
+}
+
 /// Events per second.
 pub fn rate(events: u64, elapsed: Duration) -> f64 {
     events as f64 / elapsed.as_secs_f64()

@@ -142,7 +142,9 @@ pub enum HookAction {
 /// A hook called with the applied sequence just committed.
 pub type CommitHook = Arc<dyn Fn(u64) -> HookAction + Send + Sync>;
 
-/// Failpoints for crash tests. Production code leaves them empty.
+/// Hooks into the runner's commit. Tests use them as failpoints (return
+/// [`HookAction::Crash`]); services use them as a commit notification, to
+/// publish derived state (a KV map, an outbox) only once it is committed.
 #[derive(Clone, Default)]
 pub struct RunnerHooks {
     /// Called after a batch is committed to the store and before it is

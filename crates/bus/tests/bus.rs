@@ -152,16 +152,17 @@ async fn projection_is_exact_across_kills_and_a_failpoint_between_commit_and_ack
         }
         restarts += 1;
         // Every other run crashes right after a commit, before the ack, on
-        // a random batch; the others are killed at a random moment.
-        let crash_on = if restarts % 2 == 0 {
-            rng.gen_range(1..8u64)
-        } else {
-            u64::MAX
-        };
+        // a random batch; the others are killed at a random moment after a
+        // random number of commits (mid-batch, mid-write or mid-ack).
+        // Interruptions are counted in commits, not time, so the test means
+        // the same on a fast machine and a slow one.
+        let crash_run = restarts % 2 == 0;
+        let stop_after = rng.gen_range(1..6u64);
         let commits = Arc::new(AtomicU64::new(0));
+        let counted = Arc::clone(&commits);
         let hooks = RunnerHooks {
             after_commit: Some(Arc::new(move |_| {
-                if commits.fetch_add(1, Ordering::SeqCst) + 1 == crash_on {
+                if counted.fetch_add(1, Ordering::SeqCst) + 1 == stop_after && crash_run {
                     HookAction::Crash
                 } else {
                     HookAction::Continue
@@ -169,23 +170,36 @@ async fn projection_is_exact_across_kills_and_a_failpoint_between_commit_and_ack
             })),
         };
         let mut config = RunnerConfig::new(STREAM, "counting");
-        config.batch_size = rng.gen_range(50..2000);
+        config.batch_size = rng.gen_range(50..1000);
         let runner = ProjectionRunner::new(js.clone(), Arc::clone(&store), Counting, config).with_hooks(hooks);
+        let watched = Arc::clone(&store);
         drop(store);
+        let delay = Duration::from_micros(rng.gen_range(0..3000));
         let mut task = tokio::spawn(runner.run(std::future::pending()));
-        let kill_after = Duration::from_millis(rng.gen_range(5..150));
+        let kill_at = async {
+            loop {
+                let caught_up = applied_sequence(watched.as_ref(), "counting").unwrap() >= target;
+                if caught_up || (!crash_run && commits.load(Ordering::SeqCst) >= stop_after) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_micros(200)).await;
+            }
+            tokio::time::sleep(delay).await;
+        };
         tokio::select! {
             result = &mut task => match result.unwrap() {
                 Err(cnnf_bus::runner::RunnerError::Failpoint(_)) => failpoints += 1,
                 other => panic!("runner ended unexpectedly: {:?}", other.err()),
             },
-            () = tokio::time::sleep(kill_after) => {
-                // Killed wherever it was: mid-batch, mid-write, mid-ack.
+            () = kill_at => {
                 task.abort();
                 let _ = task.await;
-                kills += 1;
+                if !crash_run {
+                    kills += 1;
+                }
             }
         }
+        drop(watched);
     }
     eprintln!("{restarts} restarts: {kills} kills, {failpoints} crashes at the commit/ack failpoint");
     assert!(

@@ -215,16 +215,7 @@ async fn cnnf_projection(js: &jetstream::Context, events: u64, batch: usize) -> 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let _server;
-    let url = match &args.nats_url {
-        Some(url) => url.clone(),
-        None => {
-            _server = cnnf_testkit::NatsServer::start().await;
-            _server.url()
-        }
-    };
-    let js = cnnf_bus::jetstream(async_nats::connect(&url).await?);
-    cnnf_bus::topology::ensure(&js, &Default::default()).await?;
+    let (_server, js, url) = cnnf_loadtest::nats(args.nats_url.as_deref()).await?;
     make_stream(&js, "BENCH_RAW", "bench.raw.*").await?;
     make_stream(&js, "BENCH_CNNF", "bench.cnnf.*").await?;
 

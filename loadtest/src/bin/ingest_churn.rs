@@ -262,16 +262,7 @@ async fn main() -> anyhow::Result<()> {
         args.workloads + args.churn / 2 + args.samples < 1 << 24,
         "too many addresses for 10.0.0.0/8"
     );
-    let _server;
-    let url = match &args.nats_url {
-        Some(url) => url.clone(),
-        None => {
-            _server = cnnf_testkit::NatsServer::start().await;
-            _server.url()
-        }
-    };
-    let js = cnnf_bus::jetstream(async_nats::connect(&url).await?);
-    cnnf_bus::topology::ensure(&js, &Default::default()).await?;
+    let (_server, js, url) = cnnf_loadtest::nats(args.nats_url.as_deref()).await?;
     println!(
         "{} live workloads on {} nodes, {} churn events, {} latency samples at {}/s, nats-server at {url}",
         args.workloads, args.nodes, args.churn, args.samples, args.rate
