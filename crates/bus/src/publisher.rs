@@ -282,8 +282,14 @@ impl Publisher {
                 attempts = entry.attempts,
                 error = %entry.last_error
             );
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(self.config.max_backoff);
+            // The first resend goes at once: a lost ack has already waited
+            // out its timeout, and after a server restart a whole window of
+            // messages needs resending. Only repeated failures of one
+            // message back off.
+            if entry.attempts > 1 {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(self.config.max_backoff);
+            }
             self.metrics.resends.inc();
             self.send(&mut entry).await?;
         }
