@@ -164,6 +164,11 @@ pub const CONSUMERS: &[ConsumerSpec] = &[
         filter_subjects: &[],
     },
     ConsumerSpec {
+        durable: "modeler-models",
+        stream: MODELS,
+        filter_subjects: &[],
+    },
+    ConsumerSpec {
         durable: "policy-policy",
         stream: POLICY,
         filter_subjects: &[],

@@ -34,9 +34,7 @@ async fn run(config: Config, health: Health, shutdown: impl Future<Output = ()>)
             shutdown.clone()
         ),
         cnnf_modeler::run(
-            cnnf_modeler::Config {
-                common: with_data("modeler")
-            },
+            cnnf_modeler::Config::new(with_data("modeler")),
             health.clone(),
             shutdown.clone()
         ),

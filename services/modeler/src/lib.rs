@@ -1,23 +1,113 @@
-//! The CNNF modeler service: one model per image: learning, locking, and every model change on the log.
+//! The CNNF modeler service: one model per image: learning, locking, and
+//! every model change on the log.
 //!
-//! A library with [`run`] so that tests and the all-in-one binary decide
-//! when it stops; `main.rs` is only the process around it. At this stage
-//! the service declares the streams, buckets and consumers it relies on
-//! and reports ready; its projection arrives with its own issue.
+//! The first time an image ID is seen anywhere in the fleet it gets a
+//! model, learning. While it learns, the connections its containers take
+//! part in are recorded on the sides that learn (a connection S → D:port
+//! teaches S's outbound side only while S's model learns, and D's inbound
+//! side only while D's model learns). After the learning period the model
+//! locks and enforces; operators can lock early, extend, relearn and
+//! delete single learned connections. Every change is a `ModelEvent` on
+//! `cnnf.model.<image-id>` (stream `CNNF_MODELS`), for the policy
+//! compiler, the audit service and the Radar.
+//!
+//! ```text
+//! cnnf.workload.<c>.<n> ─► runner modeler-workloads ─► images ─► outbox ─► Created, Liveness ─┐
+//! cnnf.flow.<c>.<n>     ─► runner modeler-flows ─► (reads models) ─► outbox ─► Learned ─┤
+//!                                                      └─► burst ─► Incident         │
+//! gRPC Models.Command ─► validated ─► Locked / Extended / Relearn / Deleted ─────────┤
+//! lock timer (learning end reached) ─► Locked ───────────────────────────────────────┤
+//!                                                                                     ▼
+//!                      models, learned ◄── runner modeler-models ◄── cnnf.model.<image> (CNNF_MODELS)
+//! ```
+//!
+//! Why three runners and the log in the middle: the workload and flow
+//! runners each commit independently, so if both wrote a model they would
+//! race (read-modify-write of one key). Instead each table has one writer
+//! ([`store`]), and the model itself (state *and* learned connections) is
+//! written only by the runner of `CNNF_MODELS`, from the log, in log order.
+//! The model set is therefore a pure function of the `CNNF_WORKLOADS` and
+//! `CNNF_MODELS` logs: a replay into an empty store yields it byte for
+//! byte (derived events are republished under the same deterministic ids,
+//! which JetStream drops). The flow runner reads the committed model
+//! state to know which sides learn; a state change takes effect from its
+//! next batch, and the models runner drops learned connections whose model
+//! locked meanwhile or that were first seen after learning ended.
+//!
+//! Times are event times (`Envelope.time_unix_nanos`): first and last
+//! seen, and the learning clock. A model learns for `period` of its image
+//! being alive: learning ends `period` after the image was first seen,
+//! later by every pause in which none of its containers ran (the workloads
+//! runner publishes `Liveness` model events when the last container stops
+//! and when one starts again), and the timer never locks a model whose
+//! image is not alive. The lock timer uses the wall clock only to decide
+//! *when* to publish `Locked`, which carries the period's end as its event
+//! time.
+//!
+//! `ModelEvent.revision` is left 0 by producers (they cannot know it): a
+//! model's revision is the `CNNF_MODELS` stream sequence of its last
+//! change, as `GetModel` and the answer to `Command` report.
+//!
+//! Configuration (flags, or the environment), beside what every service
+//! takes (`CNNF_NATS_URL`, `CNNF_CLUSTER`, `CNNF_DATA_DIR`, ...):
+//!
+//! | flag | environment | default | |
+//! | --- | --- | --- | --- |
+//! | `--learning-seconds` | `CNNF_LEARNING_SECONDS` | 3600 | learning period of a new model (time its image is alive) |
+//! | `--burst-limit` | `CNNF_BURST_LIMIT` | 50 | new connections a learning image may learn per window |
+//! | `--burst-window-seconds` | `CNNF_BURST_WINDOW_SECONDS` | 10 | the burst window (event time) |
+//! | `--grpc-addr` | `CNNF_GRPC_ADDR` | 127.0.0.1:9202 | the `Models` API |
+//!
+//! A learning image that reaches more than `burst-limit` new peers or
+//! ports (new connections) within `burst-window-seconds` does not learn
+//! the excess; a `LEARNING_BURST` incident is published on
+//! `cnnf.incident.<cluster>.learning-burst`, once per window.
+//!
+//! The store is RocksDB at `<data dir>/models`. Each runner's counters
+//! are on `/metrics` as `cnnf_modeler_{workloads,flows,models}_*`.
 //!
 //! Must never depend on the node agent or on another service.
 
 #![forbid(unsafe_code)]
 
-use std::future::Future;
+pub mod api;
+pub mod projection;
+pub mod service;
+pub mod store;
 
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use cnnf_bus::runner::CommitHook;
+use cnnf_proto::v1::models_server::ModelsServer;
 use cnnf_service::{CommonConfig, Health};
+use cnnf_store::ProjectionStore;
+use cnnf_store_rocksdb::RocksStore;
+use tokio::sync::{watch, Notify};
+use tokio::task::JoinSet;
+
+pub use service::{FLOWS_DURABLE, MODELS_DURABLE, WORKLOADS_DURABLE};
+pub use store::{MODEL_TABLES, TABLES};
 
 /// The service's name: NATS connection name, logs, metrics.
 pub const NAME: &str = "cnnf-modeler";
 
 /// Default address of `/metrics` and `/ready`.
 pub const DEFAULT_HTTP_ADDR: &str = "127.0.0.1:9102";
+
+/// Default address of the `Models` gRPC API.
+pub const DEFAULT_GRPC_ADDR: &str = "127.0.0.1:9202";
+
+/// Default learning period, seconds.
+pub const DEFAULT_LEARNING_SECONDS: u64 = 3600;
+/// Default burst limit: new connections per window.
+pub const DEFAULT_BURST_LIMIT: u64 = 50;
+/// Default burst window, seconds.
+pub const DEFAULT_BURST_WINDOW_SECONDS: u64 = 10;
 
 /// Configuration of the modeler service.
 #[derive(Debug, Clone, clap::Parser)]
@@ -30,15 +120,270 @@ pub struct Config {
     /// Settings every service shares.
     #[command(flatten)]
     pub common: CommonConfig,
+    /// Learning period of a new model, seconds from the first time its
+    /// image is seen (1 to 31622400).
+    #[arg(long, env = "CNNF_LEARNING_SECONDS", default_value_t = DEFAULT_LEARNING_SECONDS, value_parser = clap::value_parser!(u64).range(1..=31_622_400))]
+    pub learning_seconds: u64,
+    /// Most new connections a learning image learns per burst window; the
+    /// excess raises a LEARNING_BURST incident (1 to 1000000).
+    #[arg(long, env = "CNNF_BURST_LIMIT", default_value_t = DEFAULT_BURST_LIMIT, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub burst_limit: u64,
+    /// The burst window, seconds of event time (1 to 86400).
+    #[arg(long, env = "CNNF_BURST_WINDOW_SECONDS", default_value_t = DEFAULT_BURST_WINDOW_SECONDS, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub burst_window_seconds: u64,
+    /// Address of the Models gRPC API.
+    #[arg(long, env = "CNNF_GRPC_ADDR", default_value = DEFAULT_GRPC_ADDR)]
+    pub grpc_addr: SocketAddr,
+}
+
+impl Config {
+    /// The defaults around `common` (for the all-in-one process).
+    pub fn new(common: CommonConfig) -> Self {
+        Self {
+            common,
+            learning_seconds: DEFAULT_LEARNING_SECONDS,
+            burst_limit: DEFAULT_BURST_LIMIT,
+            burst_window_seconds: DEFAULT_BURST_WINDOW_SECONDS,
+            grpc_addr: SocketAddr::from(([127, 0, 0, 1], 9202)),
+        }
+    }
+
+    /// Where the RocksDB store lives: `<data dir>/models`.
+    pub fn store_path(&self) -> PathBuf {
+        self.common.data_dir.join("models")
+    }
+}
+
+/// A clock in Unix nanoseconds.
+pub type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;
+
+/// Settings tests use; production leaves them at their defaults.
+#[derive(Clone, Default)]
+pub struct RunOptions {
+    /// Called by the flows runner after each commit, before the ack: a
+    /// failpoint where a crash hurts most.
+    pub flows_after_commit: Option<CommitHook>,
+    /// The wall clock of the lock timer and of commands (`None`: the system clock).
+    pub clock: Option<Clock>,
+    /// How often the lock timer looks (`None`: every second).
+    pub timer_interval: Option<Duration>,
+}
+
+impl RunOptions {
+    /// Now, Unix nanoseconds.
+    pub fn now(&self) -> i64 {
+        match &self.clock {
+            Some(clock) => clock(),
+            None => std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|elapsed| i64::try_from(elapsed.as_nanos()).unwrap_or(i64::MAX))
+                .unwrap_or(0),
+        }
+    }
+}
+
+/// Opens the modeler store at `path` (creating it).
+pub fn open_store(path: &std::path::Path) -> anyhow::Result<RocksStore> {
+    std::fs::create_dir_all(path).with_context(|| format!("creating {}", path.display()))?;
+    RocksStore::open(path, TABLES).with_context(|| format!("opening the modeler store at {}", path.display()))
 }
 
 /// Runs the service until `shutdown` completes.
 pub async fn run(config: Config, health: Health, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let path = config.store_path();
+    let store = tokio::task::spawn_blocking(move || open_store(&path)).await??;
+    run_with_store(config, Arc::new(store), health, RunOptions::default(), shutdown).await
+}
+
+/// Runs the service on an open store until `shutdown` completes: the
+/// runners, the outbox drainers, the lock timer and the gRPC API.
+pub async fn run_with_store(
+    config: Config,
+    store: Arc<dyn ProjectionStore>,
+    health: Health,
+    options: RunOptions,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
     let ready = health.component(NAME);
-    let _js = cnnf_service::connect_and_ensure(NAME, &config.common).await?;
+    let js = cnnf_service::connect_and_ensure(NAME, &config.common).await?;
+    let listener = tokio::net::TcpListener::bind(config.grpc_addr)
+        .await
+        .with_context(|| format!("binding the gRPC API on {}", config.grpc_addr))?;
+    let timer_interval = options.timer_interval.unwrap_or(Duration::from_secs(1));
+    let metrics: [cnnf_bus::runner::RunnerMetrics; 3] = Default::default();
+    health.register(|registry| {
+        for (runner, prefix) in
+            metrics
+                .iter()
+                .zip(["cnnf_modeler_workloads", "cnnf_modeler_flows", "cnnf_modeler_models"])
+        {
+            runner.register(registry, prefix);
+        }
+    });
+    let shared = Arc::new(service::Shared {
+        js: js.clone(),
+        store: Arc::clone(&store),
+        cluster: config.common.cluster.clone(),
+        learning_period: Duration::from_secs(config.learning_seconds),
+        burst: projection::BurstLimit {
+            limit: config.burst_limit,
+            window: Duration::from_secs(config.burst_window_seconds),
+        },
+        options: options.clone(),
+        metrics,
+    });
+    let api = api::ModelsApi::new(
+        Arc::clone(&store),
+        js,
+        config.common.cluster.clone(),
+        config.learning_seconds,
+        options,
+    );
+
+    let (stop, stopping) = watch::channel(false);
+    let workloads_notify = Arc::new(Notify::new());
+    let flows_notify = Arc::new(Notify::new());
+    let mut tasks = JoinSet::new();
+    tasks.spawn(serve_api(listener, api, stopping.clone()));
+    tasks.spawn(service::runners(
+        Arc::clone(&shared),
+        [Arc::clone(&workloads_notify), Arc::clone(&flows_notify)],
+        stopping.clone(),
+    ));
+    tasks.spawn(service::drain_outbox(
+        Arc::clone(&shared),
+        store::WORKLOADS_OUTBOX,
+        workloads_notify,
+        stopping.clone(),
+    ));
+    tasks.spawn(service::drain_outbox(
+        Arc::clone(&shared),
+        store::FLOWS_OUTBOX,
+        flows_notify,
+        stopping.clone(),
+    ));
+    tasks.spawn(service::lock_timer(shared, timer_interval, stopping));
     ready.set(true);
-    tracing::info!(message = "Service ready.", service = NAME, cluster = %config.common.cluster);
-    shutdown.await;
+    tracing::info!(
+        message = "Service started.",
+        service = NAME,
+        cluster = %config.common.cluster,
+        grpc_addr = %config.grpc_addr,
+        learning_seconds = config.learning_seconds,
+        burst_limit = config.burst_limit,
+        burst_window_seconds = config.burst_window_seconds
+    );
+
+    tokio::pin!(shutdown);
+    let early = tokio::select! {
+        () = &mut shutdown => None,
+        Some(joined) = tasks.join_next() => Some(joined),
+    };
+    stop.send_replace(true);
+    let mut result = match early {
+        None => Ok(()),
+        Some(Ok(Ok(()))) => Err(anyhow::anyhow!("a part of the service stopped on its own")),
+        Some(Ok(Err(error))) => Err(error),
+        Some(Err(error)) => Err(error.into()),
+    };
+    while let Some(joined) = tasks.join_next().await {
+        let outcome = joined.map_err(anyhow::Error::from).and_then(|outcome| outcome);
+        if let Err(error) = outcome {
+            if result.is_ok() {
+                result = Err(error);
+            } else {
+                tracing::error!(message = "Part of the service failed while stopping.", error = %format!("{error:#}"));
+            }
+        }
+    }
     tracing::info!(message = "Service stopped.", service = NAME);
-    Ok(())
+    result
+}
+
+async fn serve_api(
+    listener: tokio::net::TcpListener,
+    api: api::ModelsApi,
+    stop: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let addr = listener.local_addr()?;
+    tracing::info!(message = "Serving the Models gRPC API.", %addr);
+    tonic::transport::Server::builder()
+        .add_service(ModelsServer::new(api))
+        .serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(listener),
+            service::stopped(stop),
+        )
+        .await
+        .with_context(|| format!("serving gRPC on {addr}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::*;
+
+    #[test]
+    fn defaults_match_the_all_in_one_constructor() {
+        let parsed = Config::try_parse_from(["cnnf-modeler"]).unwrap();
+        let built = Config::new(parsed.common.clone());
+        assert_eq!(parsed.learning_seconds, built.learning_seconds);
+        assert_eq!(parsed.burst_limit, built.burst_limit);
+        assert_eq!(parsed.burst_window_seconds, built.burst_window_seconds);
+        assert_eq!(parsed.grpc_addr, built.grpc_addr);
+        assert_eq!(parsed.grpc_addr.to_string(), DEFAULT_GRPC_ADDR);
+        assert_eq!(parsed.learning_seconds, 3600);
+        assert_eq!((parsed.burst_limit, parsed.burst_window_seconds), (50, 10));
+    }
+
+    #[test]
+    fn bad_flags_are_refused_with_their_name() {
+        for (flag, value) in [
+            ("--learning-seconds", "0"),
+            ("--learning-seconds", "soon"),
+            ("--burst-limit", "0"),
+            ("--burst-window-seconds", "-1"),
+            ("--grpc-addr", "localhost"),
+        ] {
+            let argument = format!("{flag}={value}");
+            let error = Config::try_parse_from(["cnnf-modeler", &argument])
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains(flag), "{flag} {value}: {error}");
+        }
+    }
+
+    #[test]
+    fn the_timer_waits_while_the_image_is_not_alive() {
+        let paused = store::ModelRecord {
+            state: cnnf_proto::v1::ModelState::Learning as i32,
+            learning_ends_unix_nanos: 1_000,
+            paused_unix_nanos: 500,
+            ..store::ModelRecord::default()
+        };
+        assert!(!service::lock_due(&paused, 5_000));
+        // Died after the period ended: the lock is due all the same.
+        let late = store::ModelRecord {
+            paused_unix_nanos: 1_000,
+            ..paused
+        };
+        assert!(service::lock_due(&late, 1_000));
+    }
+
+    #[test]
+    fn the_timer_locks_exactly_at_the_end_and_not_before() {
+        let record = store::ModelRecord {
+            state: cnnf_proto::v1::ModelState::Learning as i32,
+            learning_ends_unix_nanos: 1_000,
+            ..store::ModelRecord::default()
+        };
+        assert!(!service::lock_due(&record, 999));
+        assert!(service::lock_due(&record, 1_000));
+        let enforcing = store::ModelRecord {
+            state: cnnf_proto::v1::ModelState::Enforcing as i32,
+            ..record.clone()
+        };
+        assert!(!service::lock_due(&enforcing, 2_000));
+        assert_eq!(service::lock_id("img", &record), service::lock_id("img", &record));
+    }
 }

@@ -1,0 +1,587 @@
+//! The three folds of the modeler, one per runner, each the only writer
+//! of its tables (see [`crate::store`]).
+//!
+//! - [`WorkloadProjection`] (`CNNF_WORKLOADS`): image liveness. The first
+//!   time an image is seen anywhere in the fleet it writes a `Created`
+//!   model event to its outbox, with learning ending `learning period`
+//!   after that event's time. When an image's last container stops, and
+//!   when one starts again, it writes a `Liveness` model event: the
+//!   learning clock counts only time the image is alive.
+//! - [`FlowProjection`] (`CNNF_FLOWS`): for each decision, the sides whose
+//!   model is learning (as the models runner last committed it) are
+//!   forwarded as one `Learned` event per image and flow message, unless
+//!   the image is in a burst (more than `burst limit` new connections in
+//!   `burst window` of event time): the excess is not learned and a
+//!   `LEARNING_BURST` incident is raised, once per window.
+//! - [`ModelProjection`] (`CNNF_MODELS`): the state machine. It applies
+//!   every model event, from the log, in log order: created, learned (only
+//!   while learning, only connections first seen before learning ends),
+//!   locked, extended, relearn, connection deleted, liveness (a pause
+//!   moves the learning end by its length). The model set is a
+//!   function of the `CNNF_WORKLOADS` and `CNNF_MODELS` logs alone, so a
+//!   replay reproduces it exactly.
+//!
+//! Derived events go through outboxes with deterministic ids
+//! (`cnnf_core::ids::derived`), published after the commit that wrote them.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use cnnf_bus::runner::ApplyError;
+use cnnf_bus::topology::{FLOWS, WORKLOADS};
+use cnnf_bus::{Event, Projection};
+use cnnf_core::envelope::Rejection;
+use cnnf_core::subjects::{self, Token};
+use cnnf_proto::v1::{
+    envelope::Payload, incident, model_event, ConnectionDecision, Envelope, Incident, LearnedConnection, ModelEvent,
+    ModelState, Side,
+};
+use cnnf_store::{ProjectionStore, Txn};
+use prost::Message as _;
+
+use crate::store::{
+    self, BurstRecord, ImageRecord, ModelRecord, OutboxMessage, CONTAINERS, FLOWS_BURST, FLOWS_KNOWN, FLOWS_OUTBOX,
+    IMAGES, LEARNED, MODELS, WORKLOADS_OUTBOX,
+};
+
+/// Producer name in the ids of what the modeler publishes.
+pub const PRODUCER: &str = "modeler";
+/// Subject token of learning burst incidents.
+pub const LEARNING_BURST: &str = "learning-burst";
+/// Actor of events the modeler derives from traffic and workloads.
+pub const ACTOR_LEARNING: &str = "learning";
+
+fn invalid(detail: impl Into<String>) -> ApplyError {
+    ApplyError::Reject(Rejection::Invalid(detail.into()))
+}
+
+fn nanos(duration: Duration) -> i64 {
+    i64::try_from(duration.as_nanos()).unwrap_or(i64::MAX)
+}
+
+/// An envelope around a model event, on `cnnf.model.<image>`.
+pub fn model_envelope(
+    cluster: &str,
+    id: &str,
+    time: i64,
+    event: ModelEvent,
+) -> Result<OutboxMessage, subjects::InvalidToken> {
+    let subject = subjects::model(&Token::new("image_id", &event.image_id)?);
+    let envelope = Envelope {
+        schema_version: cnnf_proto::SCHEMA_VERSION,
+        event_id: id.to_owned(),
+        cluster: cluster.to_owned(),
+        time_unix_nanos: time,
+        payload: Some(Payload::Model(event)),
+        ..Envelope::default()
+    };
+    Ok(OutboxMessage {
+        subject,
+        id: id.to_owned(),
+        payload: envelope.encode_to_vec(),
+    })
+}
+
+/// Reads a record, absent as `None`.
+fn read<M: prost::Message + Default>(txn: &Txn<'_>, table: &'static str, key: &[u8]) -> Result<Option<M>, ApplyError> {
+    match txn.get(table, key)? {
+        None => Ok(None),
+        Some(bytes) => Ok(Some(store::decode(table, &bytes)?)),
+    }
+}
+
+/// Image liveness from workload events.
+pub struct WorkloadProjection {
+    learning_period: Duration,
+}
+
+impl WorkloadProjection {
+    /// A fold with learning period `learning_period`.
+    pub fn new(learning_period: Duration) -> Self {
+        Self { learning_period }
+    }
+}
+
+impl Projection for WorkloadProjection {
+    fn apply(&mut self, event: &Event<'_>, txn: &mut Txn<'_>) -> Result<(), ApplyError> {
+        let envelope = &event.envelope;
+        let time = envelope.time_unix_nanos;
+        // Images whose liveness changed: (image, alive).
+        let mut liveness: Vec<(String, bool)> = Vec::new();
+        match &envelope.payload {
+            Some(Payload::WorkloadStarted(started)) => {
+                let workload = started
+                    .workload
+                    .as_ref()
+                    .ok_or_else(|| invalid("the event carries no workload"))?;
+                let image = Token::new("image_id", &workload.image_id)
+                    .map_err(|error| invalid(format!("invalid-image-id: {error}")))?;
+                if workload.container_id.is_empty() {
+                    return Err(invalid("invalid-container-id: container_id is empty"));
+                }
+                let key = image.as_str().as_bytes();
+                let mut record = match read::<ImageRecord>(txn, IMAGES, key)? {
+                    Some(record) => {
+                        if record.containers.is_empty() {
+                            liveness.push((image.as_str().to_owned(), true));
+                        }
+                        record
+                    }
+                    None => {
+                        let created = ModelEvent {
+                            image_id: image.as_str().to_owned(),
+                            revision: 0,
+                            actor: ACTOR_LEARNING.to_owned(),
+                            change: Some(model_event::Change::Created(model_event::Created {
+                                image_name: workload.image_name.clone(),
+                                learning_ends_unix_nanos: time.saturating_add(nanos(self.learning_period)),
+                            })),
+                        };
+                        let id = cnnf_core::ids::derived(PRODUCER, WORKLOADS, event.stream_sequence, None);
+                        let message = model_envelope(&envelope.cluster, &id, time, created)
+                            .map_err(|error| invalid(error.to_string()))?;
+                        txn.put(
+                            WORKLOADS_OUTBOX,
+                            store::outbox_key(event.stream_sequence, 0),
+                            message.encode_to_vec(),
+                        );
+                        ImageRecord {
+                            image_name: workload.image_name.clone(),
+                            first_seen_unix_nanos: time,
+                            containers: Vec::new(),
+                        }
+                    }
+                };
+                if let Err(at) = record.containers.binary_search(&workload.container_id) {
+                    record.containers.insert(at, workload.container_id.clone());
+                }
+                txn.put(IMAGES, key.to_vec(), record.encode_to_vec());
+                txn.put(CONTAINERS, workload.container_id.as_bytes().to_vec(), key.to_vec());
+            }
+            Some(Payload::WorkloadStopped(stopped)) => {
+                let workload = stopped
+                    .workload
+                    .as_ref()
+                    .ok_or_else(|| invalid("the event carries no workload"))?;
+                liveness.extend(remove_container(txn, &workload.container_id)?.map(|image| (image, false)));
+            }
+            Some(Payload::NodeGone(gone)) => {
+                for container in &gone.container_ids {
+                    liveness.extend(remove_container(txn, container)?.map(|image| (image, false)));
+                }
+            }
+            // Other events on the stream say nothing about images.
+            _ => {}
+        }
+        for (part, (image_id, alive)) in (1u32..).zip(liveness) {
+            let change = ModelEvent {
+                image_id,
+                revision: 0,
+                actor: ACTOR_LEARNING.to_owned(),
+                change: Some(model_event::Change::Liveness(model_event::Liveness { alive })),
+            };
+            let id = cnnf_core::ids::derived(PRODUCER, WORKLOADS, event.stream_sequence, Some(part));
+            let message =
+                model_envelope(&envelope.cluster, &id, time, change).map_err(|error| invalid(error.to_string()))?;
+            txn.put(
+                WORKLOADS_OUTBOX,
+                store::outbox_key(event.stream_sequence, part),
+                message.encode_to_vec(),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Removes a running container; the image, if that was its last one.
+fn remove_container(txn: &mut Txn<'_>, container: &str) -> Result<Option<String>, ApplyError> {
+    let Some(image) = txn.get(CONTAINERS, container.as_bytes())? else {
+        return Ok(None);
+    };
+    txn.delete(CONTAINERS, container.as_bytes().to_vec());
+    if let Some(mut record) = read::<ImageRecord>(txn, IMAGES, &image)? {
+        if let Ok(at) = record.containers.binary_search(&container.to_owned()) {
+            record.containers.remove(at);
+            let dead = record.containers.is_empty();
+            txn.put(IMAGES, image.clone(), record.encode_to_vec());
+            if dead {
+                return Ok(Some(String::from_utf8_lossy(&image).into_owned()));
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// Burst limits of learning.
+#[derive(Debug, Clone, Copy)]
+pub struct BurstLimit {
+    /// Most new connections one learning image may learn in one window.
+    pub limit: u64,
+    /// The window, in event time.
+    pub window: Duration,
+}
+
+/// Decisions to `Learned` events (and burst incidents).
+pub struct FlowProjection {
+    burst: BurstLimit,
+}
+
+impl FlowProjection {
+    /// A fold with burst limits `burst`.
+    pub fn new(burst: BurstLimit) -> Self {
+        Self { burst }
+    }
+
+    /// The candidate (image, connection) pairs of one decision.
+    fn candidates(decision: &ConnectionDecision, time: i64) -> Vec<(String, LearnedConnection)> {
+        let mut out = Vec::new();
+        let (Some(source), Some(destination)) = (decision.source.as_ref(), decision.destination.as_ref()) else {
+            return out;
+        };
+        let (Some(src), Some(dst)) = (source.identity.as_ref(), destination.identity.as_ref()) else {
+            return out;
+        };
+        let first = if decision.first_seen_unix_nanos > 0 {
+            decision.first_seen_unix_nanos
+        } else {
+            time
+        };
+        let last = decision.last_seen_unix_nanos.max(first);
+        let connection = |side: Side, peer| LearnedConnection {
+            side: side as i32,
+            peer: Some(peer),
+            port: destination.port,
+            protocol: decision.protocol,
+            first_seen_unix_nanos: first,
+            last_seen_unix_nanos: last,
+            count: decision.count.max(1),
+        };
+        let is_image = |identity: &cnnf_proto::v1::Identity| {
+            identity.kind == cnnf_proto::v1::IdentityKind::Image as i32 && Token::new("image_id", &identity.id).is_ok()
+        };
+        if is_image(src) {
+            if let Some(peer) = store::peer_identity(dst) {
+                out.push((src.id.clone(), connection(Side::Outbound, peer)));
+            }
+        }
+        if is_image(dst) {
+            if let Some(peer) = store::peer_identity(src) {
+                out.push((dst.id.clone(), connection(Side::Inbound, peer)));
+            }
+        }
+        out
+    }
+}
+
+impl Projection for FlowProjection {
+    fn apply(&mut self, event: &Event<'_>, txn: &mut Txn<'_>) -> Result<(), ApplyError> {
+        let envelope = &event.envelope;
+        let Some(Payload::Decisions(batch)) = &envelope.payload else {
+            return Err(invalid(
+                "unexpected-event: only DecisionBatch events belong on CNNF_FLOWS",
+            ));
+        };
+        let time = envelope.time_unix_nanos;
+        let window = nanos(self.burst.window);
+        let mut learned: BTreeMap<String, BTreeMap<Vec<u8>, LearnedConnection>> = BTreeMap::new();
+        let mut incidents: Vec<(String, BurstRecord)> = Vec::new();
+        for decision in &batch.decisions {
+            for (image, connection) in Self::candidates(decision, time) {
+                let Some(model) = read::<ModelRecord>(txn, MODELS, image.as_bytes())? else {
+                    continue;
+                };
+                if !model.learning() {
+                    continue;
+                }
+                let key = store::learned_key(&image, &connection);
+                let known = txn
+                    .get(FLOWS_KNOWN, &key)?
+                    .and_then(|bytes| cnnf_store::decode_u64(&bytes))
+                    .is_some_and(|generation| generation == model.generation);
+                if !known {
+                    let mut burst = read::<BurstRecord>(txn, FLOWS_BURST, image.as_bytes())?.unwrap_or_default();
+                    if burst.new_count == 0 || time.saturating_sub(burst.window_start_unix_nanos) >= window {
+                        burst = BurstRecord {
+                            window_start_unix_nanos: time,
+                            new_count: 0,
+                            incident_raised: false,
+                        };
+                    }
+                    if burst.new_count >= self.burst.limit {
+                        if !burst.incident_raised {
+                            burst.incident_raised = true;
+                            incidents.push((image.clone(), burst.clone()));
+                        }
+                        txn.put(FLOWS_BURST, image.as_bytes().to_vec(), burst.encode_to_vec());
+                        continue;
+                    }
+                    burst.new_count += 1;
+                    txn.put(FLOWS_BURST, image.as_bytes().to_vec(), burst.encode_to_vec());
+                    txn.put(
+                        FLOWS_KNOWN,
+                        key.clone(),
+                        cnnf_store::encode_u64(model.generation).to_vec(),
+                    );
+                }
+                let entry = learned.entry(image).or_default();
+                match entry.get_mut(&key) {
+                    Some(existing) => merge(existing, &connection),
+                    None => {
+                        entry.insert(key, connection);
+                    }
+                }
+            }
+        }
+        let mut part = 0u32;
+        for (image, connections) in learned {
+            let event_out = ModelEvent {
+                image_id: image,
+                revision: 0,
+                actor: ACTOR_LEARNING.to_owned(),
+                change: Some(model_event::Change::Learned(model_event::Learned {
+                    connections: connections.into_values().collect(),
+                })),
+            };
+            let id = cnnf_core::ids::derived(PRODUCER, FLOWS, event.stream_sequence, Some(part));
+            let message =
+                model_envelope(&envelope.cluster, &id, time, event_out).map_err(|error| invalid(error.to_string()))?;
+            txn.put(
+                FLOWS_OUTBOX,
+                store::outbox_key(event.stream_sequence, part),
+                message.encode_to_vec(),
+            );
+            part += 1;
+        }
+        for (image, burst) in incidents {
+            let cluster =
+                Token::new("cluster", &envelope.cluster).map_err(|error| invalid(format!("invalid-name: {error}")))?;
+            let id = cnnf_core::ids::derived(PRODUCER, FLOWS, event.stream_sequence, Some(part));
+            let incident = Incident {
+                incident_id: id.clone(),
+                kind: incident::Kind::LearningBurst as i32,
+                image_id: image.clone(),
+                summary: format!(
+                    "image {image} reached more than {} new peers or ports within {} s while learning; the excess was not learned",
+                    self.burst.limit,
+                    self.burst.window.as_secs_f64()
+                ),
+                details: [
+                    ("limit".to_owned(), self.burst.limit.to_string()),
+                    ("window_seconds".to_owned(), self.burst.window.as_secs_f64().to_string()),
+                    ("window_start_unix_nanos".to_owned(), burst.window_start_unix_nanos.to_string()),
+                ]
+                .into_iter()
+                .collect(),
+            };
+            let out = Envelope {
+                schema_version: cnnf_proto::SCHEMA_VERSION,
+                event_id: id.clone(),
+                cluster: envelope.cluster.clone(),
+                node: envelope.node.clone(),
+                time_unix_nanos: time,
+                payload: Some(Payload::Incident(incident)),
+                ..Envelope::default()
+            };
+            let message = OutboxMessage {
+                subject: subjects::incident(
+                    &cluster,
+                    &Token::new("kind", LEARNING_BURST).map_err(|e| invalid(e.to_string()))?,
+                ),
+                id,
+                payload: out.encode_to_vec(),
+            };
+            txn.put(
+                FLOWS_OUTBOX,
+                store::outbox_key(event.stream_sequence, part),
+                message.encode_to_vec(),
+            );
+            part += 1;
+            tracing::warn!(message = "Learning burst: excess connections not learned.", image = %image, limit = self.burst.limit);
+        }
+        Ok(())
+    }
+}
+
+/// Folds `more` into `into`: earliest first seen, latest last seen, counts added.
+fn merge(into: &mut LearnedConnection, more: &LearnedConnection) {
+    into.first_seen_unix_nanos = into.first_seen_unix_nanos.min(more.first_seen_unix_nanos);
+    into.last_seen_unix_nanos = into.last_seen_unix_nanos.max(more.last_seen_unix_nanos);
+    into.count = into.count.saturating_add(more.count);
+    if into.peer.as_ref().is_some_and(|peer| peer.name.is_empty()) {
+        into.peer.clone_from(&more.peer);
+    }
+}
+
+/// Learned keys written since the last commit: a relearn must delete them
+/// too, and scans of the store do not see them yet.
+pub type Pending = Arc<Mutex<BTreeSet<Vec<u8>>>>;
+
+/// The model state machine, from `CNNF_MODELS`.
+pub struct ModelProjection {
+    store: Arc<dyn ProjectionStore>,
+    pending: Pending,
+}
+
+impl ModelProjection {
+    /// A fold over `store`; `pending` is cleared by the runner's commit hook.
+    pub fn new(store: Arc<dyn ProjectionStore>, pending: Pending) -> Self {
+        Self { store, pending }
+    }
+
+    fn pending(&self) -> std::sync::MutexGuard<'_, BTreeSet<Vec<u8>>> {
+        self.pending.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+fn count_of(record: &mut ModelRecord, side: i32) -> &mut u64 {
+    if side == Side::Inbound as i32 {
+        &mut record.inbound_count
+    } else {
+        &mut record.outbound_count
+    }
+}
+
+impl Projection for ModelProjection {
+    fn apply(&mut self, event: &Event<'_>, txn: &mut Txn<'_>) -> Result<(), ApplyError> {
+        let envelope = &event.envelope;
+        let Some(Payload::Model(model)) = &envelope.payload else {
+            return Err(invalid(
+                "unexpected-event: only ModelEvent events belong on CNNF_MODELS",
+            ));
+        };
+        Token::new("image_id", &model.image_id).map_err(|error| invalid(format!("invalid-image-id: {error}")))?;
+        let key = model.image_id.as_bytes();
+        let change = model
+            .change
+            .as_ref()
+            .ok_or_else(|| invalid("no-change: the model event carries no change"))?;
+        let sequence = event.stream_sequence;
+        let existing = read::<ModelRecord>(txn, MODELS, key)?;
+        let mut record = match (change, existing) {
+            (model_event::Change::Created(created), None) => {
+                let record = ModelRecord {
+                    image_name: created.image_name.clone(),
+                    state: ModelState::Learning as i32,
+                    learning_ends_unix_nanos: created.learning_ends_unix_nanos,
+                    revision: sequence,
+                    generation: 1,
+                    ..ModelRecord::default()
+                };
+                txn.put(MODELS, key.to_vec(), record.encode_to_vec());
+                return Ok(());
+            }
+            // Created again (a rebuilt workload projection): nothing changes.
+            (model_event::Change::Created(_), Some(_)) => return Ok(()),
+            (_, None) => return Err(invalid(format!("unknown-image: no model for image {}", model.image_id))),
+            (_, Some(record)) => record,
+        };
+        let changed = match change {
+            model_event::Change::Created(_) => false,
+            model_event::Change::Learned(learned) => {
+                let mut changed = false;
+                if record.learning() {
+                    for connection in &learned.connections {
+                        if !store::valid_side(connection.side)
+                            || connection.first_seen_unix_nanos >= record.learning_ends_unix_nanos
+                        {
+                            continue;
+                        }
+                        let learned_key = store::learned_key(&model.image_id, connection);
+                        let merged = match read::<LearnedConnection>(txn, LEARNED, &learned_key)? {
+                            Some(mut stored) => {
+                                merge(&mut stored, connection);
+                                stored
+                            }
+                            None => {
+                                *count_of(&mut record, connection.side) += 1;
+                                connection.clone()
+                            }
+                        };
+                        txn.put(LEARNED, learned_key.clone(), merged.encode_to_vec());
+                        self.pending().insert(learned_key);
+                        changed = true;
+                    }
+                }
+                changed
+            }
+            model_event::Change::Locked(_) => {
+                let learning = record.learning();
+                if learning {
+                    record.state = ModelState::Enforcing as i32;
+                    record.locked_unix_nanos = envelope.time_unix_nanos;
+                    record.paused_unix_nanos = 0;
+                }
+                learning
+            }
+            model_event::Change::Liveness(liveness) => {
+                let time = envelope.time_unix_nanos;
+                match (record.learning(), liveness.alive, record.paused_unix_nanos) {
+                    // The last container stopped: the learning clock stands still.
+                    (true, false, 0) => {
+                        record.paused_unix_nanos = time.max(1);
+                        true
+                    }
+                    // Alive again: learning ends later by the pause (the
+                    // part of it before the end).
+                    (true, true, paused) if paused != 0 => {
+                        if paused < record.learning_ends_unix_nanos {
+                            let pause = time.saturating_sub(paused).max(0);
+                            record.learning_ends_unix_nanos = record.learning_ends_unix_nanos.saturating_add(pause);
+                        }
+                        record.paused_unix_nanos = 0;
+                        true
+                    }
+                    _ => false,
+                }
+            }
+            model_event::Change::Extended(extended) => {
+                let learning = record.learning();
+                if learning {
+                    record.learning_ends_unix_nanos = extended.learning_ends_unix_nanos;
+                }
+                learning
+            }
+            model_event::Change::Relearn(relearn) => {
+                let prefix = store::image_prefix(&model.image_id);
+                let mut doomed: BTreeSet<Vec<u8>> = self
+                    .store
+                    .scan_prefix(LEARNED, &prefix, usize::MAX)?
+                    .into_iter()
+                    .map(|(key, _)| key)
+                    .collect();
+                doomed.extend(self.pending().iter().filter(|k| k.starts_with(&prefix)).cloned());
+                for doomed_key in doomed {
+                    txn.delete(LEARNED, doomed_key);
+                }
+                record.state = ModelState::Learning as i32;
+                record.learning_ends_unix_nanos = relearn.learning_ends_unix_nanos;
+                record.locked_unix_nanos = 0;
+                record.paused_unix_nanos = 0;
+                record.generation += 1;
+                record.inbound_count = 0;
+                record.outbound_count = 0;
+                true
+            }
+            model_event::Change::ConnectionDeleted(deleted) => {
+                let connection = deleted
+                    .connection
+                    .as_ref()
+                    .ok_or_else(|| invalid("no-connection: nothing to delete"))?;
+                let learned_key = store::learned_key(&model.image_id, connection);
+                let present = txn.get(LEARNED, &learned_key)?.is_some();
+                if present {
+                    txn.delete(LEARNED, learned_key);
+                    let count = count_of(&mut record, connection.side);
+                    *count = count.saturating_sub(1);
+                }
+                present
+            }
+        };
+        if changed {
+            record.revision = sequence;
+            txn.put(MODELS, key.to_vec(), record.encode_to_vec());
+        }
+        Ok(())
+    }
+}

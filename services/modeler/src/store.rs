@@ -1,0 +1,200 @@
+//! Tables, key layout and stored records of the modeler.
+//!
+//! Each table has exactly one writer, so no two runners ever
+//! read-modify-write the same key:
+//!
+//! | table | writer | key | value |
+//! | --- | --- | --- | --- |
+//! | `modeler_images` | workloads runner | image id | [`ImageRecord`]: name, first seen, alive containers |
+//! | `modeler_containers` | workloads runner | container id | image id (for `NodeGone`) |
+//! | `modeler_workloads_outbox` | workloads runner (puts), its drainer (deletes) | `<seq> <part>` | [`OutboxMessage`] |
+//! | `modeler_models` | models runner | image id | [`ModelRecord`]: state, learning end, revision, generation |
+//! | `modeler_learned` | models runner | [`learned_key`] | `cnnf.v1.LearnedConnection` |
+//! | `modeler_flows_known` | flows runner | [`learned_key`] | generation (u64) the connection was forwarded in |
+//! | `modeler_flows_burst` | flows runner | image id | [`BurstRecord`] |
+//! | `modeler_flows_outbox` | flows runner (puts), its drainer (deletes) | `<seq> <part>` | [`OutboxMessage`] |
+//!
+//! The *model set* (what a replay must reproduce exactly) is
+//! [`MODEL_TABLES`]: images, containers, models and learned connections.
+//! Records are protobuf messages without maps, so their encoding is
+//! deterministic.
+
+use cnnf_proto::v1::{Identity, IdentityKind, LearnedConnection, Protocol, Side};
+
+/// Image liveness, owned by the workloads runner.
+pub const IMAGES: &str = "modeler_images";
+/// Container to image, owned by the workloads runner.
+pub const CONTAINERS: &str = "modeler_containers";
+/// Model events derived from workload events, to publish after commit.
+pub const WORKLOADS_OUTBOX: &str = "modeler_workloads_outbox";
+/// Model state, owned by the models runner.
+pub const MODELS: &str = "modeler_models";
+/// Learned connections, owned by the models runner.
+pub const LEARNED: &str = "modeler_learned";
+/// Connections the flows runner already forwarded (burst accounting).
+pub const FLOWS_KNOWN: &str = "modeler_flows_known";
+/// Burst window per image, owned by the flows runner.
+pub const FLOWS_BURST: &str = "modeler_flows_burst";
+/// Learned events and incidents derived from decisions, to publish after commit.
+pub const FLOWS_OUTBOX: &str = "modeler_flows_outbox";
+
+/// Every table of the modeler store.
+pub const TABLES: &[&str] = &[
+    IMAGES,
+    CONTAINERS,
+    WORKLOADS_OUTBOX,
+    MODELS,
+    LEARNED,
+    FLOWS_KNOWN,
+    FLOWS_BURST,
+    FLOWS_OUTBOX,
+];
+
+/// The tables that make up the model set: a replay of the log into an
+/// empty store reproduces them byte for byte.
+pub const MODEL_TABLES: &[&str] = &[IMAGES, CONTAINERS, MODELS, LEARNED];
+
+/// What the modeler knows of an image's containers.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ImageRecord {
+    /// Image name as first started.
+    #[prost(string, tag = "1")]
+    pub image_name: String,
+    /// Event time the image was first seen.
+    #[prost(int64, tag = "2")]
+    pub first_seen_unix_nanos: i64,
+    /// Running containers, sorted, each once.
+    #[prost(string, repeated, tag = "3")]
+    pub containers: Vec<String>,
+}
+
+/// The state of one model, as the `CNNF_MODELS` log made it.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ModelRecord {
+    /// Image name.
+    #[prost(string, tag = "1")]
+    pub image_name: String,
+    /// `cnnf.v1.ModelState`.
+    #[prost(int32, tag = "2")]
+    pub state: i32,
+    /// When learning ends (event time).
+    #[prost(int64, tag = "3")]
+    pub learning_ends_unix_nanos: i64,
+    /// `CNNF_MODELS` stream sequence of the last change.
+    #[prost(uint64, tag = "4")]
+    pub revision: u64,
+    /// Incremented by each relearn.
+    #[prost(uint64, tag = "5")]
+    pub generation: u64,
+    /// Learned inbound connections.
+    #[prost(uint64, tag = "6")]
+    pub inbound_count: u64,
+    /// Learned outbound connections.
+    #[prost(uint64, tag = "7")]
+    pub outbound_count: u64,
+    /// Event time of the lock (0 while learning).
+    #[prost(int64, tag = "8")]
+    pub locked_unix_nanos: i64,
+    /// Event time the image's last container stopped while learning (0:
+    /// alive): the learning clock stands still until a container starts.
+    #[prost(int64, tag = "9")]
+    pub paused_unix_nanos: i64,
+}
+
+impl ModelRecord {
+    /// True while the model learns.
+    pub fn learning(&self) -> bool {
+        self.state == cnnf_proto::v1::ModelState::Learning as i32
+    }
+}
+
+/// New connections of one learning image in the current burst window.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct BurstRecord {
+    /// Event time the window started.
+    #[prost(int64, tag = "1")]
+    pub window_start_unix_nanos: i64,
+    /// New connections forwarded in the window.
+    #[prost(uint64, tag = "2")]
+    pub new_count: u64,
+    /// An incident was already raised for this window.
+    #[prost(bool, tag = "3")]
+    pub incident_raised: bool,
+}
+
+/// A message to publish once the batch that wrote it is committed.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct OutboxMessage {
+    /// Subject.
+    #[prost(string, tag = "1")]
+    pub subject: String,
+    /// Deterministic id (`Nats-Msg-Id`).
+    #[prost(string, tag = "2")]
+    pub id: String,
+    /// Encoded envelope.
+    #[prost(bytes = "vec", tag = "3")]
+    pub payload: Vec<u8>,
+}
+
+/// Key of an outbox message: part `part` of stream message `sequence`.
+pub fn outbox_key(sequence: u64, part: u32) -> Vec<u8> {
+    let mut key = sequence.to_be_bytes().to_vec();
+    key.extend_from_slice(&part.to_be_bytes());
+    key
+}
+
+/// Prefix of every learned key of `image_id`.
+pub fn image_prefix(image_id: &str) -> Vec<u8> {
+    let mut key = image_id.as_bytes().to_vec();
+    key.push(0);
+    key
+}
+
+/// Key of one learned connection: `<image> 0 <side> <peer kind> <peer id> 0 <port BE32> <protocol>`.
+/// Sorted by image, then side, then peer, then port.
+pub fn learned_key(image_id: &str, connection: &LearnedConnection) -> Vec<u8> {
+    let mut key = image_prefix(image_id);
+    key.push(u8::try_from(connection.side).unwrap_or(0));
+    let (kind, id) = connection
+        .peer
+        .as_ref()
+        .map_or((0, ""), |peer| (peer.kind, peer.id.as_str()));
+    key.push(u8::try_from(kind).unwrap_or(0));
+    key.extend_from_slice(id.as_bytes());
+    key.push(0);
+    key.extend_from_slice(&connection.port.to_be_bytes());
+    key.push(u8::try_from(connection.protocol).unwrap_or(0));
+    key
+}
+
+/// The identity a model names a peer by: kind, id and name only (not the
+/// container or node that happened to carry it).
+pub fn peer_identity(identity: &Identity) -> Option<Identity> {
+    let kind = IdentityKind::try_from(identity.kind).ok()?;
+    match kind {
+        IdentityKind::Image | IdentityKind::HostApp | IdentityKind::NetworkObject if !identity.id.is_empty() => {
+            Some(Identity {
+                kind: identity.kind,
+                id: identity.id.clone(),
+                name: identity.name.clone(),
+                ..Identity::default()
+            })
+        }
+        _ => None,
+    }
+}
+
+/// True for a side a learned connection may have.
+pub fn valid_side(side: i32) -> bool {
+    side == Side::Inbound as i32 || side == Side::Outbound as i32
+}
+
+/// True for a protocol a learned connection may have.
+pub fn valid_protocol(protocol: i32) -> bool {
+    Protocol::try_from(protocol).is_ok_and(|protocol| protocol != Protocol::Unspecified)
+}
+
+/// Decodes a stored record.
+pub fn decode<M: prost::Message + Default>(what: &str, bytes: &[u8]) -> Result<M, cnnf_store::StoreError> {
+    M::decode(bytes).map_err(|error| cnnf_store::StoreError::Engine(format!("stored {what} does not decode: {error}")))
+}

@@ -1,0 +1,877 @@
+//! The modeler against a real nats-server and real RocksDB stores:
+//! learning, locking at the end of the period (not before), relearn,
+//! extend, deleting a learned connection, invalid commands, learning
+//! bursts, crashes and restarts in the middle of the stream, and a replay
+//! of the whole log into an empty store.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, consumer::pull};
+use clap::Parser as _;
+use cnnf_bus::runner::HookAction;
+use cnnf_bus::topology::{FLOWS, INCIDENTS, MODELS, WORKLOADS};
+use cnnf_modeler::{Config, RunOptions, FLOWS_DURABLE, MODELS_DURABLE, MODEL_TABLES, WORKLOADS_DURABLE};
+use cnnf_proto::v1::models_client::ModelsClient;
+use cnnf_proto::v1::{
+    envelope::Payload, model_command, model_event, ConnectionDecision, DecisionBatch, Endpoint, Envelope,
+    GetModelRequest, Identity, IdentityKind, LearnedConnection, ListLearnedConnectionsRequest, ModelCommand,
+    ModelState, ModelSummary, Protocol, Side, Workload, WorkloadStarted, WorkloadStopped,
+};
+use cnnf_service::Health;
+use cnnf_store::{applied_sequence, ProjectionStore};
+use cnnf_testkit::NatsServer;
+use futures::StreamExt;
+use prost::Message as _;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+const S: i64 = 1_000_000_000;
+/// Event times of the scripted tests: a fixed instant, so answers are exact.
+const T0: i64 = 1_700_000_000 * S;
+const CLUSTER: &str = "c";
+const WAIT: Duration = Duration::from_secs(60);
+const A: &str = "sha256:aaaa";
+const B: &str = "sha256:bbbb";
+
+fn free_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// Polls `check` until it returns `Some`, or fails with `what`.
+async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let started = Instant::now();
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(started.elapsed() < WAIT, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn open_store(dir: &Path) -> Arc<dyn ProjectionStore> {
+    Arc::new(cnnf_modeler::open_store(dir).unwrap())
+}
+
+/// A clock the test moves.
+#[derive(Clone)]
+struct TestClock(Arc<AtomicI64>);
+
+impl TestClock {
+    fn new(at: i64) -> Self {
+        Self(Arc::new(AtomicI64::new(at)))
+    }
+    fn set(&self, at: i64) {
+        self.0.store(at, Ordering::SeqCst);
+    }
+    fn options(&self) -> RunOptions {
+        let clock = Arc::clone(&self.0);
+        RunOptions {
+            clock: Some(Arc::new(move || clock.load(Ordering::SeqCst))),
+            timer_interval: Some(Duration::from_millis(20)),
+            ..RunOptions::default()
+        }
+    }
+}
+
+/// One running modeler.
+struct Modeler {
+    store: Arc<dyn ProjectionStore>,
+    grpc: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl Modeler {
+    async fn start(server: &NatsServer, store: Arc<dyn ProjectionStore>, extra: &[&str], options: RunOptions) -> Self {
+        let grpc = free_addr();
+        let url = server.url();
+        let grpc_text = grpc.to_string();
+        let mut args = vec![
+            "cnnf-modeler",
+            "--nats-url",
+            &url,
+            "--cluster",
+            CLUSTER,
+            "--grpc-addr",
+            &grpc_text,
+            "--learning-seconds",
+            "100",
+        ];
+        args.extend_from_slice(extra);
+        let config = Config::try_parse_from(args).unwrap();
+        cnnf_service::init_logging();
+        let health = Health::default();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(cnnf_modeler::run_with_store(
+            config,
+            Arc::clone(&store),
+            health.clone(),
+            options,
+            async move {
+                let _ = stopped.await;
+            },
+        ));
+        let modeler = Self {
+            store,
+            grpc,
+            stop: Some(stop),
+            task,
+        };
+        eventually("the service to be ready", || async {
+            assert!(!modeler.task.is_finished(), "the service ended early");
+            (health.not_ready().is_empty() && ModelsClient::connect(format!("http://{}", modeler.grpc)).await.is_ok())
+                .then_some(())
+        })
+        .await;
+        modeler
+    }
+
+    async fn client(&self) -> ModelsClient<tonic::transport::Channel> {
+        ModelsClient::connect(format!("http://{}", self.grpc)).await.unwrap()
+    }
+
+    async fn model(&self, image: &str) -> Option<ModelSummary> {
+        let request = GetModelRequest { image_id: image.into() };
+        self.client()
+            .await
+            .get_model(request)
+            .await
+            .ok()
+            .map(tonic::Response::into_inner)
+    }
+
+    /// Waits until the model of `image` satisfies `check`.
+    async fn model_where(&self, what: &str, image: &str, check: impl Fn(&ModelSummary) -> bool) -> ModelSummary {
+        eventually(what, || async { self.model(image).await.filter(|model| check(model)) }).await
+    }
+
+    async fn learned(&self, image: &str, side: Side, port: u32) -> Vec<LearnedConnection> {
+        let request = ListLearnedConnectionsRequest {
+            image_id: image.into(),
+            side: side as i32,
+            port,
+            peer_id: String::new(),
+        };
+        self.client()
+            .await
+            .list_learned_connections(request)
+            .await
+            .unwrap()
+            .into_inner()
+            .connections
+    }
+
+    async fn command(
+        &self,
+        image: &str,
+        command: model_command::Command,
+    ) -> Result<cnnf_proto::v1::ModelEvent, tonic::Status> {
+        let request = ModelCommand {
+            image_id: image.into(),
+            actor: "alice".into(),
+            command: Some(command),
+        };
+        self.client()
+            .await
+            .command(request)
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    /// Waits until each runner applied its stream up to its last message.
+    async fn caught_up(&self, js: &jetstream::Context) {
+        for (stream, durable) in [
+            (WORKLOADS, WORKLOADS_DURABLE),
+            (FLOWS, FLOWS_DURABLE),
+            (MODELS, MODELS_DURABLE),
+        ] {
+            let last = js
+                .get_stream(stream)
+                .await
+                .unwrap()
+                .info()
+                .await
+                .unwrap()
+                .state
+                .last_sequence;
+            eventually(durable, || async {
+                (applied_sequence(self.store.as_ref(), durable).unwrap() >= last).then_some(())
+            })
+            .await;
+        }
+    }
+
+    async fn stop(mut self) -> Arc<dyn ProjectionStore> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        tokio::time::timeout(WAIT, &mut self.task)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        self.store
+    }
+}
+
+async fn connect(server: &NatsServer) -> jetstream::Context {
+    let js = cnnf_bus::jetstream(async_nats::connect(server.url()).await.unwrap());
+    cnnf_bus::topology::ensure(&js, &Default::default()).await.unwrap();
+    js
+}
+
+async fn publish(js: &jetstream::Context, subject: &str, envelope: Envelope) -> u64 {
+    let publish = jetstream::message::PublishMessage::build()
+        .payload(cnnf_core::envelope::encode(envelope.clone()).into())
+        .message_id(&envelope.event_id);
+    js.send_publish(subject.to_owned(), publish)
+        .await
+        .unwrap()
+        .await
+        .unwrap()
+        .sequence
+}
+
+fn envelope(node: &str, id: String, time: i64, payload: Payload) -> Envelope {
+    Envelope {
+        schema_version: cnnf_proto::SCHEMA_VERSION,
+        event_id: id,
+        cluster: CLUSTER.into(),
+        node: node.into(),
+        time_unix_nanos: time,
+        payload: Some(payload),
+        ..Default::default()
+    }
+}
+
+async fn start_workload(js: &jetstream::Context, container: &str, image: &str, time: i64) {
+    let workload = Workload {
+        container_id: container.into(),
+        image_id: image.into(),
+        image_name: format!("{image}-name"),
+        addresses: vec!["10.0.0.1".into()],
+        cluster: CLUSTER.into(),
+        node: "n1".into(),
+        ..Default::default()
+    };
+    let payload = Payload::WorkloadStarted(WorkloadStarted {
+        workload: Some(workload),
+    });
+    publish(
+        js,
+        "cnnf.workload.c.n1",
+        envelope("n1", format!("n1:b:start:{container}"), time, payload),
+    )
+    .await;
+}
+
+async fn stop_workload(js: &jetstream::Context, container: &str, image: &str, time: i64) {
+    let workload = Workload {
+        container_id: container.into(),
+        image_id: image.into(),
+        cluster: CLUSTER.into(),
+        node: "n1".into(),
+        ..Default::default()
+    };
+    let payload = Payload::WorkloadStopped(WorkloadStopped {
+        workload: Some(workload),
+        reason: "exited".into(),
+    });
+    publish(
+        js,
+        "cnnf.workload.c.n1",
+        envelope("n1", format!("n1:b:stop:{container}"), time, payload),
+    )
+    .await;
+}
+
+fn image(id: &str) -> Identity {
+    Identity {
+        kind: IdentityKind::Image as i32,
+        id: id.into(),
+        name: format!("{id}-name"),
+        container_id: format!("{id}-container"),
+        ..Default::default()
+    }
+}
+
+fn network_object(name: &str) -> Identity {
+    Identity {
+        kind: IdentityKind::NetworkObject as i32,
+        id: name.into(),
+        name: name.into(),
+        ..Default::default()
+    }
+}
+
+fn decision(source: Identity, destination: Identity, port: u32, time: i64, count: u64) -> ConnectionDecision {
+    ConnectionDecision {
+        source: Some(Endpoint {
+            address: "10.0.0.1".into(),
+            port: 40000,
+            identity: Some(source),
+        }),
+        destination: Some(Endpoint {
+            address: "10.0.0.2".into(),
+            port,
+            identity: Some(destination),
+        }),
+        protocol: Protocol::Tcp as i32,
+        first_seen_unix_nanos: time,
+        last_seen_unix_nanos: time,
+        count,
+        ..Default::default()
+    }
+}
+
+async fn decisions(js: &jetstream::Context, id: &str, time: i64, decisions: Vec<ConnectionDecision>) -> u64 {
+    let payload = Payload::Decisions(DecisionBatch {
+        decisions,
+        overflow_count: 0,
+    });
+    publish(
+        js,
+        "cnnf.flow.c.n1",
+        envelope("n1", format!("n1:b:flow:{id}"), time, payload),
+    )
+    .await
+}
+
+/// Every model event of `image` on the log, as (actor, kind).
+async fn model_log(js: &jetstream::Context, image: &str) -> Vec<(String, &'static str)> {
+    let stream = js.get_stream(MODELS).await.unwrap();
+    let consumer = stream
+        .create_consumer(pull::Config {
+            filter_subject: format!("cnnf.model.{image}"),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut messages = consumer
+        .fetch()
+        .max_messages(1000)
+        .expires(Duration::from_millis(500))
+        .messages()
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    while let Some(message) = messages.next().await {
+        let envelope = Envelope::decode(message.unwrap().payload.as_ref()).unwrap();
+        let Some(Payload::Model(event)) = envelope.payload else {
+            panic!("not a model event")
+        };
+        let kind = match event.change.unwrap() {
+            model_event::Change::Created(_) => "created",
+            model_event::Change::Learned(_) => "learned",
+            model_event::Change::Locked(_) => "locked",
+            model_event::Change::Extended(_) => "extended",
+            model_event::Change::Relearn(_) => "relearn",
+            model_event::Change::ConnectionDeleted(_) => "deleted",
+            model_event::Change::Liveness(_) => "liveness",
+        };
+        out.push((event.actor, kind));
+    }
+    out
+}
+
+/// Every entry of the model tables.
+type ModelSet = Vec<(&'static str, cnnf_store::Entry)>;
+
+fn model_set(store: &dyn ProjectionStore) -> ModelSet {
+    cnnf_store::dump(store)
+        .unwrap()
+        .into_iter()
+        .filter(|(table, _)| MODEL_TABLES.contains(table))
+        .collect()
+}
+
+const LEARNING: i32 = ModelState::Learning as i32;
+const ENFORCING: i32 = ModelState::Enforcing as i32;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn learns_locks_at_the_end_relearns_extends_deletes_and_replays_identically() {
+    let server = NatsServer::start().await;
+    let js = connect(&server).await;
+    let dir = tempfile::tempdir().unwrap();
+    let clock = TestClock::new(T0);
+    let modeler = Modeler::start(&server, open_store(dir.path()), &[], clock.options()).await;
+
+    start_workload(&js, "a1", A, T0).await;
+    start_workload(&js, "a2", A, T0 + S).await;
+    start_workload(&js, "b1", B, T0).await;
+    let a = modeler.model_where("model A", A, |m| m.state == LEARNING).await;
+    assert_eq!(
+        a.learning_ends_unix_nanos,
+        T0 + 100 * S,
+        "learning ends a period after first seen"
+    );
+    assert_eq!(a.image_name, format!("{A}-name"));
+    modeler
+        .model_where("model A containers", A, |m| m.container_count == 2)
+        .await;
+    modeler.model_where("model B", B, |m| m.state == LEARNING).await;
+
+    // Learning: A → B:5432 (A outbound, B inbound) and A → payments:443.
+    decisions(&js, "1", T0 + S, vec![decision(image(A), image(B), 5432, T0 + S, 3)]).await;
+    decisions(
+        &js,
+        "2",
+        T0 + 2 * S,
+        vec![
+            decision(image(A), network_object("payments"), 443, T0 + 2 * S, 1),
+            decision(image(A), image(B), 5432, T0 + 2 * S, 2),
+        ],
+    )
+    .await;
+    modeler
+        .model_where("A learned outbound", A, |m| m.outbound_count == 2)
+        .await;
+    modeler
+        .model_where("B learned inbound", B, |m| m.inbound_count == 1)
+        .await;
+    modeler.caught_up(&js).await;
+    let to_b = modeler.learned(A, Side::Outbound, 5432).await;
+    assert_eq!(to_b.len(), 1);
+    assert_eq!(
+        (
+            to_b[0].count,
+            to_b[0].first_seen_unix_nanos,
+            to_b[0].last_seen_unix_nanos
+        ),
+        (5, T0 + S, T0 + 2 * S)
+    );
+    assert_eq!(to_b[0].peer.as_ref().unwrap().id, B);
+    assert!(
+        to_b[0].peer.as_ref().unwrap().container_id.is_empty(),
+        "peers are identities, not containers"
+    );
+    let from_a = modeler.learned(B, Side::Inbound, 0).await;
+    assert_eq!((from_a.len(), from_a[0].port, from_a[0].count), (1, 5432, 5));
+
+    // One nanosecond before the end: several timer ticks, still learning.
+    clock.set(T0 + 100 * S - 1);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    modeler.caught_up(&js).await;
+    assert_eq!(modeler.model(A).await.unwrap().state, LEARNING, "locked before the end");
+    // Exactly at the end: locked.
+    clock.set(T0 + 100 * S);
+    modeler.model_where("A locked", A, |m| m.state == ENFORCING).await;
+    modeler.model_where("B locked", B, |m| m.state == ENFORCING).await;
+
+    // Enforcing sides learn nothing.
+    decisions(
+        &js,
+        "3",
+        T0 + 101 * S,
+        vec![decision(image(A), image(B), 6000, T0 + 101 * S, 1)],
+    )
+    .await;
+    modeler.caught_up(&js).await;
+    assert_eq!(modeler.model(A).await.unwrap().outbound_count, 2);
+    assert_eq!(modeler.model(B).await.unwrap().inbound_count, 1);
+
+    // Relearn A from scratch: only A's outbound side learns; B enforces.
+    let relearn = modeler.command(A, model_command::Command::Relearn(true)).await.unwrap();
+    assert_eq!(relearn.actor, "alice");
+    let a = modeler
+        .model_where("A relearning", A, |m| m.state == LEARNING && m.outbound_count == 0)
+        .await;
+    assert_eq!(a.learning_ends_unix_nanos, T0 + 200 * S);
+    assert_eq!(a.revision, relearn.revision);
+    assert!(modeler.learned(A, Side::Outbound, 0).await.is_empty());
+    decisions(
+        &js,
+        "4",
+        T0 + 102 * S,
+        vec![decision(image(A), image(B), 6000, T0 + 102 * S, 1)],
+    )
+    .await;
+    modeler.model_where("A relearned", A, |m| m.outbound_count == 1).await;
+    modeler.caught_up(&js).await;
+    assert_eq!(
+        modeler.model(B).await.unwrap().inbound_count,
+        1,
+        "an enforcing side learned"
+    );
+
+    // Extend by 50 s: from the current end.
+    modeler
+        .command(A, model_command::Command::ExtendBySeconds(50))
+        .await
+        .unwrap();
+    modeler
+        .model_where("A extended", A, |m| m.learning_ends_unix_nanos == T0 + 250 * S)
+        .await;
+    // Lock now.
+    modeler.command(A, model_command::Command::LockNow(true)).await.unwrap();
+    modeler
+        .model_where("A locked by the operator", A, |m| m.state == ENFORCING)
+        .await;
+
+    // Delete the one learned connection.
+    let learned = modeler.learned(A, Side::Outbound, 6000).await;
+    assert_eq!(learned.len(), 1);
+    modeler
+        .command(A, model_command::Command::DeleteConnection(learned[0].clone()))
+        .await
+        .unwrap();
+    modeler
+        .model_where("A connection deleted", A, |m| m.outbound_count == 0)
+        .await;
+    assert!(modeler.learned(A, Side::Outbound, 0).await.is_empty());
+
+    modeler.caught_up(&js).await;
+    let log = model_log(&js, A).await;
+    let kinds: Vec<&str> = log.iter().map(|(_, kind)| *kind).collect();
+    assert_eq!(
+        kinds,
+        ["created", "learned", "learned", "locked", "relearn", "learned", "extended", "locked", "deleted"]
+    );
+    assert_eq!(log[3].0, "timer");
+    assert_eq!(log[7].0, "alice");
+
+    // Replay the whole log into an empty store: the same model set.
+    let live = modeler.stop().await;
+    let live_set = model_set(live.as_ref());
+    let replay_dir = tempfile::tempdir().unwrap();
+    let replay = Modeler::start(&server, open_store(replay_dir.path()), &[], clock.options()).await;
+    replay.caught_up(&js).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    replay.caught_up(&js).await;
+    let replayed = model_set(replay.store.as_ref());
+    assert!(!replayed.is_empty());
+    assert_eq!(replayed, live_set, "the replay differs from the live model set");
+    assert_eq!(
+        model_log(&js, A).await.len(),
+        log.len(),
+        "the replay published new model events"
+    );
+    replay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_commands_change_nothing_and_say_why() {
+    let server = NatsServer::start().await;
+    let js = connect(&server).await;
+    let dir = tempfile::tempdir().unwrap();
+    let clock = TestClock::new(T0);
+    let modeler = Modeler::start(&server, open_store(dir.path()), &[], clock.options()).await;
+    start_workload(&js, "a1", A, T0).await;
+    modeler.model_where("model A", A, |m| m.state == LEARNING).await;
+    modeler.caught_up(&js).await;
+    let before = model_set(modeler.store.as_ref());
+    let models_before = js
+        .get_stream(MODELS)
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .state
+        .last_sequence;
+
+    let never_learned = LearnedConnection {
+        side: Side::Outbound as i32,
+        peer: Some(image(B)),
+        port: 1,
+        protocol: Protocol::Tcp as i32,
+        ..Default::default()
+    };
+    let cases: Vec<(&str, Option<model_command::Command>, tonic::Code, &str)> = vec![
+        (
+            "sha256:nope",
+            Some(model_command::Command::LockNow(true)),
+            tonic::Code::NotFound,
+            "no model for image",
+        ),
+        (
+            "",
+            Some(model_command::Command::LockNow(true)),
+            tonic::Code::InvalidArgument,
+            "image_id",
+        ),
+        (
+            "a.b",
+            Some(model_command::Command::LockNow(true)),
+            tonic::Code::InvalidArgument,
+            "image_id",
+        ),
+        (A, None, tonic::Code::InvalidArgument, "command"),
+        (
+            A,
+            Some(model_command::Command::LockNow(false)),
+            tonic::Code::InvalidArgument,
+            "lock_now",
+        ),
+        (
+            A,
+            Some(model_command::Command::ExtendBySeconds(0)),
+            tonic::Code::InvalidArgument,
+            "extend_by_seconds",
+        ),
+        (
+            A,
+            Some(model_command::Command::ExtendBySeconds(-5)),
+            tonic::Code::InvalidArgument,
+            "extend_by_seconds",
+        ),
+        (
+            A,
+            Some(model_command::Command::Relearn(false)),
+            tonic::Code::InvalidArgument,
+            "relearn",
+        ),
+        (
+            A,
+            Some(model_command::Command::DeleteConnection(never_learned.clone())),
+            tonic::Code::NotFound,
+            "no learned outbound connection",
+        ),
+        (
+            A,
+            Some(model_command::Command::DeleteConnection(LearnedConnection {
+                side: 0,
+                ..never_learned.clone()
+            })),
+            tonic::Code::InvalidArgument,
+            "delete_connection.side",
+        ),
+    ];
+    for (image_id, command, code, says) in cases {
+        let request = ModelCommand {
+            image_id: image_id.into(),
+            actor: String::new(),
+            command,
+        };
+        let status = modeler.client().await.command(request).await.unwrap_err();
+        assert_eq!(status.code(), code, "{image_id}: {status:?}");
+        assert!(
+            status.message().contains(says),
+            "{image_id}: {:?} lacks {says:?}",
+            status.message()
+        );
+    }
+    // Locked: extending and locking again are refused.
+    modeler.command(A, model_command::Command::LockNow(true)).await.unwrap();
+    modeler.model_where("A locked", A, |m| m.state == ENFORCING).await;
+    modeler.caught_up(&js).await;
+    let locked = model_set(modeler.store.as_ref());
+    for command in [
+        model_command::Command::ExtendBySeconds(10),
+        model_command::Command::LockNow(true),
+    ] {
+        let status = modeler.command(A, command).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+        assert!(status.message().contains("already enforces"), "{status:?}");
+    }
+    modeler.caught_up(&js).await;
+    assert_eq!(model_set(modeler.store.as_ref()), locked);
+    let models_after = js
+        .get_stream(MODELS)
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .state
+        .last_sequence;
+    assert_eq!(models_after, models_before + 1, "only the valid lock reached the log");
+    assert_ne!(before, locked);
+    modeler.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_raises_an_incident_and_does_not_learn_the_excess() {
+    let server = NatsServer::start().await;
+    let js = connect(&server).await;
+    let dir = tempfile::tempdir().unwrap();
+    let clock = TestClock::new(T0);
+    let extra = ["--burst-limit", "5", "--burst-window-seconds", "10"];
+    let modeler = Modeler::start(&server, open_store(dir.path()), &extra, clock.options()).await;
+    start_workload(&js, "a1", A, T0).await;
+    modeler.model_where("model A", A, |m| m.state == LEARNING).await;
+
+    // Eight new ports in one second: five learned, three not, one incident.
+    let burst: Vec<_> = (1..=8)
+        .map(|port| decision(image(A), network_object("internet"), port, T0 + S, 1))
+        .collect();
+    decisions(&js, "burst", T0 + S, burst).await;
+    // Already learned ones are not new: they still count.
+    decisions(
+        &js,
+        "again",
+        T0 + 2 * S,
+        vec![decision(image(A), network_object("internet"), 1, T0 + 2 * S, 1)],
+    )
+    .await;
+    modeler.caught_up(&js).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    modeler.caught_up(&js).await;
+    let a = modeler.model(A).await.unwrap();
+    assert_eq!(a.outbound_count, 5, "the excess was learned");
+    let ports: Vec<u32> = modeler
+        .learned(A, Side::Outbound, 0)
+        .await
+        .iter()
+        .map(|c| c.port)
+        .collect();
+    assert_eq!(ports, [1, 2, 3, 4, 5]);
+    assert_eq!(modeler.learned(A, Side::Outbound, 1).await[0].count, 2);
+
+    let mut incidents = js.get_stream(INCIDENTS).await.unwrap();
+    let incident = eventually("the incident", || async {
+        incidents
+            .get_last_raw_message_by_subject("cnnf.incident.c.learning-burst")
+            .await
+            .ok()
+    })
+    .await;
+    let envelope = Envelope::decode(incident.payload.as_ref()).unwrap();
+    let Some(Payload::Incident(incident)) = envelope.payload else {
+        panic!("not an incident")
+    };
+    assert_eq!(incident.kind, cnnf_proto::v1::incident::Kind::LearningBurst as i32);
+    assert_eq!(incident.image_id, A);
+    assert_eq!(
+        incidents.info().await.unwrap().state.messages,
+        1,
+        "one incident per window"
+    );
+
+    // A new window learns again.
+    decisions(
+        &js,
+        "later",
+        T0 + 20 * S,
+        vec![decision(image(A), network_object("internet"), 9, T0 + 20 * S, 1)],
+    )
+    .await;
+    modeler
+        .model_where("a new window learns", A, |m| m.outbound_count == 6)
+        .await;
+    modeler.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_and_a_restart_in_the_middle_lose_and_double_nothing() {
+    let server = NatsServer::start().await;
+    let js = connect(&server).await;
+    let dir = tempfile::tempdir().unwrap();
+    let clock = TestClock::new(T0);
+    let crashed = Arc::new(AtomicBool::new(false));
+    let mut options = clock.options();
+    options.flows_after_commit = Some({
+        let crashed = Arc::clone(&crashed);
+        Arc::new(move |committed| {
+            if committed >= 3 && !crashed.swap(true, Ordering::SeqCst) {
+                HookAction::Crash
+            } else {
+                HookAction::Continue
+            }
+        })
+    });
+    let modeler = Modeler::start(&server, open_store(dir.path()), &[], options).await;
+    start_workload(&js, "a1", A, T0).await;
+    start_workload(&js, "b1", B, T0).await;
+    modeler.model_where("model A", A, |m| m.state == LEARNING).await;
+    modeler.model_where("model B", B, |m| m.state == LEARNING).await;
+
+    for i in 1..=6 {
+        decisions(
+            &js,
+            &i.to_string(),
+            T0 + i * S,
+            vec![decision(image(A), image(B), 80, T0 + i * S, 1)],
+        )
+        .await;
+    }
+    modeler.caught_up(&js).await;
+    assert!(crashed.load(Ordering::SeqCst), "the failpoint never fired");
+    let store = modeler.stop().await;
+    // While the service is down, more traffic.
+    for i in 7..=10 {
+        decisions(
+            &js,
+            &i.to_string(),
+            T0 + i * S,
+            vec![decision(image(A), image(B), 80, T0 + i * S, 1)],
+        )
+        .await;
+    }
+    let modeler = Modeler::start(&server, store, &[], clock.options()).await;
+    let connection = eventually("all ten decisions", || async {
+        let learned = modeler.learned(A, Side::Outbound, 80).await;
+        learned.first().filter(|c| c.count >= 10).cloned()
+    })
+    .await;
+    modeler.caught_up(&js).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    modeler.caught_up(&js).await;
+    let connection_now = modeler.learned(A, Side::Outbound, 80).await;
+    assert_eq!(connection_now[0].count, 10, "a decision was doubled");
+    assert_eq!(
+        (connection.first_seen_unix_nanos, connection_now[0].last_seen_unix_nanos),
+        (T0 + S, T0 + 10 * S)
+    );
+    assert_eq!(modeler.learned(B, Side::Inbound, 80).await[0].count, 10);
+    modeler.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_learning_clock_counts_only_time_the_image_is_alive() {
+    let server = NatsServer::start().await;
+    let js = connect(&server).await;
+    let dir = tempfile::tempdir().unwrap();
+    let clock = TestClock::new(T0);
+    let modeler = Modeler::start(&server, open_store(dir.path()), &[], clock.options()).await;
+
+    // Alive 10 s, gone 40 s, back: learning ends 40 s later.
+    start_workload(&js, "a1", A, T0).await;
+    stop_workload(&js, "a1", A, T0 + 10 * S).await;
+    start_workload(&js, "a2", A, T0 + 50 * S).await;
+    let a = modeler
+        .model_where("the pause counted", A, |m| m.learning_ends_unix_nanos == T0 + 140 * S)
+        .await;
+    assert_eq!((a.state, a.container_count), (LEARNING, 1));
+
+    // Gone again at 60 s: no lock while it is not alive, whatever the time.
+    stop_workload(&js, "a2", A, T0 + 60 * S).await;
+    modeler
+        .model_where("no containers", A, |m| m.container_count == 0)
+        .await;
+    modeler.caught_up(&js).await;
+    clock.set(T0 + 500 * S);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    modeler.caught_up(&js).await;
+    assert_eq!(
+        modeler.model(A).await.unwrap().state,
+        LEARNING,
+        "locked while not alive"
+    );
+
+    // Back at 70 s: ends at 150 s, long past: locks.
+    start_workload(&js, "a3", A, T0 + 70 * S).await;
+    let a = modeler
+        .model_where("locked once alive", A, |m| m.state == ENFORCING)
+        .await;
+    assert_eq!(a.learning_ends_unix_nanos, T0 + 150 * S);
+    let kinds: Vec<&str> = model_log(&js, A).await.iter().map(|(_, kind)| *kind).collect();
+    assert_eq!(
+        kinds,
+        ["created", "liveness", "liveness", "liveness", "liveness", "locked"]
+    );
+    modeler.stop().await;
+}
