@@ -252,14 +252,19 @@ async fn publisher_delivers_exactly_once_across_a_server_restart() {
                 metrics.duplicates.get(),
                 metrics.resends.get()
             );
-            metrics.resends.get()
         })
     };
     tokio::time::sleep(Duration::from_millis(150)).await;
+    assert!(
+        !publishing.is_finished(),
+        "publishing ended before the restart: the test would prove nothing"
+    );
     server.stop().await;
     tokio::time::sleep(Duration::from_millis(700)).await;
     server.restart().await;
-    let resends = tokio::time::timeout(Duration::from_secs(180), publishing)
+    // Acks lost with the server cause resends; publishes the client
+    // buffered through the outage need none. Either way: exactly once.
+    tokio::time::timeout(Duration::from_secs(180), publishing)
         .await
         .unwrap()
         .unwrap();
@@ -289,10 +294,6 @@ async fn publisher_delivers_exactly_once_across_a_server_restart() {
     }
     assert_eq!(last_sequence(&js).await, EVENTS, "stream holds extra messages");
     assert_eq!(seen.len() as u64, EVENTS);
-    assert!(
-        resends > 0,
-        "the restart did not interrupt publishing; the test proved nothing"
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
