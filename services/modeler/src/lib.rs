@@ -63,6 +63,18 @@
 //! the excess; a `LEARNING_BURST` incident is published on
 //! `cnnf.incident.<cluster>.learning-burst`, once per window.
 //!
+//! Derived events are also idempotent by their source, beyond JetStream's
+//! duplicate window (10 minutes): if the flows or workloads projection is
+//! rebuilt from the log later than that (an emptied store, a fresh
+//! durable), its `Learned`, `Created` and `Liveness` events are published
+//! again under the same ids and JetStream stores them again. The models
+//! runner keeps, per image and producer stream, the highest source
+//! sequence it applied (the `<seq>` of `modeler:CNNF_FLOWS:<seq>:<part>`
+//! or `modeler:CNNF_WORKLOADS:<seq>[:<part>]`, in `modeler_models_sources`,
+//! written in the same batch as the change) and ignores a derived event at
+//! or below it, so counts and learning clocks are not applied twice. Such
+//! events are counted in `cnnf_modeler_models_republished_ignored`.
+//!
 //! The store is RocksDB at `<data dir>/models`. Each runner's counters
 //! are on `/metrics` as `cnnf_modeler_{workloads,flows,models}_*`.
 //!
@@ -211,7 +223,13 @@ pub async fn run_with_store(
         .with_context(|| format!("binding the gRPC API on {}", config.grpc_addr))?;
     let timer_interval = options.timer_interval.unwrap_or(Duration::from_secs(1));
     let metrics: [cnnf_bus::runner::RunnerMetrics; 3] = Default::default();
+    let republished = prometheus_client::metrics::counter::Counter::default();
     health.register(|registry| {
+        registry.register(
+            "cnnf_modeler_models_republished_ignored",
+            "Derived model events the models runner ignored: already applied (republished after the duplicate window)",
+            republished.clone(),
+        );
         for (runner, prefix) in
             metrics
                 .iter()
@@ -231,6 +249,7 @@ pub async fn run_with_store(
         },
         options: options.clone(),
         metrics,
+        republished,
     });
     let api = api::ModelsApi::new(
         Arc::clone(&store),

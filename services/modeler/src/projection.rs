@@ -23,6 +23,11 @@
 //!
 //! Derived events go through outboxes with deterministic ids
 //! (`cnnf_core::ids::derived`), published after the commit that wrote them.
+//! JetStream drops a republished copy only within its duplicate window, so
+//! [`ModelProjection`] also applies derived events idempotently by their
+//! source: per image and producer stream it keeps the highest source
+//! sequence it applied ([`store::MODELS_SOURCES`], written in the same
+//! batch) and ignores a derived event at or below it (see [`derived_source`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -38,11 +43,12 @@ use cnnf_proto::v1::{
     ModelState, Side,
 };
 use cnnf_store::{ProjectionStore, Txn};
+use prometheus_client::metrics::counter::Counter;
 use prost::Message as _;
 
 use crate::store::{
     self, BurstRecord, ImageRecord, ModelRecord, OutboxMessage, CONTAINERS, FLOWS_BURST, FLOWS_KNOWN, FLOWS_OUTBOX,
-    IMAGES, LEARNED, MODELS, WORKLOADS_OUTBOX,
+    IMAGES, LEARNED, MODELS, MODELS_SOURCES, WORKLOADS_OUTBOX,
 };
 
 /// Producer name in the ids of what the modeler publishes.
@@ -421,17 +427,49 @@ pub type Pending = Arc<Mutex<BTreeSet<Vec<u8>>>>;
 pub struct ModelProjection {
     store: Arc<dyn ProjectionStore>,
     pending: Pending,
+    republished: Counter,
 }
 
 impl ModelProjection {
     /// A fold over `store`; `pending` is cleared by the runner's commit hook.
     pub fn new(store: Arc<dyn ProjectionStore>, pending: Pending) -> Self {
-        Self { store, pending }
+        Self {
+            store,
+            pending,
+            republished: Counter::default(),
+        }
+    }
+
+    /// Counts the derived events ignored as republished in `counter`.
+    #[must_use]
+    pub fn with_republished(mut self, counter: Counter) -> Self {
+        self.republished = counter;
+        self
     }
 
     fn pending(&self) -> std::sync::MutexGuard<'_, BTreeSet<Vec<u8>>> {
         self.pending.lock().unwrap_or_else(PoisonError::into_inner)
     }
+}
+
+/// The source of a model event the modeler derived: its producer stream
+/// (`CNNF_FLOWS` or `CNNF_WORKLOADS`) and that stream's sequence, read from
+/// its event id `modeler:<stream>:<sequence>[:<part>]`. `None` for any
+/// other event (commands, the lock timer).
+///
+/// Per image and source message the modeler derives at most one model
+/// event (one `Learned` per image and flow message; `Created` or one
+/// `Liveness` per image and workload message), and its outboxes are
+/// published in source order, so per image and stream the source
+/// sequences on `CNNF_MODELS` only grow: one at or below the highest
+/// applied is a republished copy.
+pub fn derived_source(event_id: &str) -> Option<(&'static str, u64)> {
+    let rest = event_id.strip_prefix(PRODUCER)?.strip_prefix(':')?;
+    let (stream, rest) = rest.split_once(':')?;
+    let stream = [FLOWS, WORKLOADS].into_iter().find(|known| *known == stream)?;
+    let sequence = rest.split_once(':').map_or(rest, |(sequence, _part)| sequence);
+    let sequence = sequence.parse::<u64>().ok()?;
+    Some((stream, sequence))
 }
 
 fn count_of(record: &mut ModelRecord, side: i32) -> &mut u64 {
@@ -451,11 +489,48 @@ impl Projection for ModelProjection {
             ));
         };
         Token::new("image_id", &model.image_id).map_err(|error| invalid(format!("invalid-image-id: {error}")))?;
-        let key = model.image_id.as_bytes();
         let change = model
             .change
             .as_ref()
             .ok_or_else(|| invalid("no-change: the model event carries no change"))?;
+        let source = derived_source(&envelope.event_id);
+        if let Some((stream, source_sequence)) = source {
+            let applied = txn
+                .get(MODELS_SOURCES, &store::source_key(&model.image_id, stream))?
+                .and_then(|bytes| cnnf_store::decode_u64(&bytes));
+            if applied.is_some_and(|applied| source_sequence <= applied) {
+                self.republished.inc();
+                tracing::debug!(
+                    message = "Derived model event already applied; ignored.",
+                    event_id = %envelope.event_id,
+                    image = %model.image_id
+                );
+                return Ok(());
+            }
+        }
+        self.apply_change(event, model, change, txn)?;
+        if let Some((stream, source_sequence)) = source {
+            txn.put(
+                MODELS_SOURCES,
+                store::source_key(&model.image_id, stream),
+                cnnf_store::encode_u64(source_sequence).to_vec(),
+            );
+        }
+        Ok(())
+    }
+}
+
+impl ModelProjection {
+    /// Applies the change of one model event.
+    fn apply_change(
+        &mut self,
+        event: &Event<'_>,
+        model: &ModelEvent,
+        change: &model_event::Change,
+        txn: &mut Txn<'_>,
+    ) -> Result<(), ApplyError> {
+        let envelope = &event.envelope;
+        let key = model.image_id.as_bytes();
         let sequence = event.stream_sequence;
         let existing = read::<ModelRecord>(txn, MODELS, key)?;
         let mut record = match (change, existing) {
@@ -583,5 +658,26 @@ impl Projection for ModelProjection {
             txn.put(MODELS, key.to_vec(), record.encode_to_vec());
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_source_of_a_derived_event_is_read_from_its_id() {
+        assert_eq!(derived_source("modeler:CNNF_FLOWS:42:3"), Some((FLOWS, 42)));
+        assert_eq!(derived_source("modeler:CNNF_WORKLOADS:7"), Some((WORKLOADS, 7)));
+        assert_eq!(derived_source("modeler:CNNF_WORKLOADS:7:1"), Some((WORKLOADS, 7)));
+        for other in [
+            "modeler-timer:sha256:aaaa:1:5",
+            "modeler:CNNF_MODELS:3",
+            "modeler:CNNF_FLOWS:x:1",
+            "alice:cmd:1",
+            "",
+        ] {
+            assert_eq!(derived_source(other), None, "{other}");
+        }
     }
 }

@@ -60,6 +60,8 @@ pub struct Shared {
     pub options: RunOptions,
     /// Counters of the workloads, flows and models runners.
     pub metrics: [RunnerMetrics; 3],
+    /// Derived model events the models runner ignored as republished.
+    pub republished: prometheus_client::metrics::counter::Counter,
 }
 
 fn runner_config(stream: &str, durable: &str) -> RunnerConfig {
@@ -147,6 +149,7 @@ pub async fn runners(shared: Arc<Shared>, notify: [Arc<Notify>; 2], stop: watch:
         stop.clone(),
     );
     let pending: Pending = Pending::default();
+    let republished = shared.republished.clone();
     let models = {
         let store = Arc::clone(&shared.store);
         let pending_for_make = Arc::clone(&pending);
@@ -157,6 +160,7 @@ pub async fn runners(shared: Arc<Shared>, notify: [Arc<Notify>; 2], stop: watch:
             move || {
                 pending_for_make.lock().unwrap_or_else(PoisonError::into_inner).clear();
                 ModelProjection::new(Arc::clone(&store), Arc::clone(&pending_for_make))
+                    .with_republished(republished.clone())
             },
             Some(waking_hook(Arc::new(Notify::new()), None, Some(pending))),
             shared.metrics[2].clone(),

@@ -10,12 +10,14 @@
 //! | `modeler_workloads_outbox` | workloads runner (puts), its drainer (deletes) | `<seq> <part>` | [`OutboxMessage`] |
 //! | `modeler_models` | models runner | image id | [`ModelRecord`]: state, learning end, revision, generation |
 //! | `modeler_learned` | models runner | [`learned_key`] | `cnnf.v1.LearnedConnection` |
+//! | `modeler_models_sources` | models runner | [`source_key`] | highest source sequence (u64) applied |
 //! | `modeler_flows_known` | flows runner | [`learned_key`] | generation (u64) the connection was forwarded in |
 //! | `modeler_flows_burst` | flows runner | image id | [`BurstRecord`] |
 //! | `modeler_flows_outbox` | flows runner (puts), its drainer (deletes) | `<seq> <part>` | [`OutboxMessage`] |
 //!
 //! The *model set* (what a replay must reproduce exactly) is
-//! [`MODEL_TABLES`]: images, containers, models and learned connections.
+//! [`MODEL_TABLES`]: images, containers, models, learned connections and
+//! the applied sources of derived events.
 //! Records are protobuf messages without maps, so their encoding is
 //! deterministic.
 
@@ -31,6 +33,10 @@ pub const WORKLOADS_OUTBOX: &str = "modeler_workloads_outbox";
 pub const MODELS: &str = "modeler_models";
 /// Learned connections, owned by the models runner.
 pub const LEARNED: &str = "modeler_learned";
+/// Per image and producer stream, the highest source sequence of a
+/// derived model event the models runner applied, owned by the models
+/// runner: a derived event at or below it is a republish and is ignored.
+pub const MODELS_SOURCES: &str = "modeler_models_sources";
 /// Connections the flows runner already forwarded (burst accounting).
 pub const FLOWS_KNOWN: &str = "modeler_flows_known";
 /// Burst window per image, owned by the flows runner.
@@ -45,6 +51,7 @@ pub const TABLES: &[&str] = &[
     WORKLOADS_OUTBOX,
     MODELS,
     LEARNED,
+    MODELS_SOURCES,
     FLOWS_KNOWN,
     FLOWS_BURST,
     FLOWS_OUTBOX,
@@ -52,7 +59,7 @@ pub const TABLES: &[&str] = &[
 
 /// The tables that make up the model set: a replay of the log into an
 /// empty store reproduces them byte for byte.
-pub const MODEL_TABLES: &[&str] = &[IMAGES, CONTAINERS, MODELS, LEARNED];
+pub const MODEL_TABLES: &[&str] = &[IMAGES, CONTAINERS, MODELS, LEARNED, MODELS_SOURCES];
 
 /// What the modeler knows of an image's containers.
 #[derive(Clone, PartialEq, prost::Message)]
@@ -140,6 +147,14 @@ pub struct OutboxMessage {
 pub fn outbox_key(sequence: u64, part: u32) -> Vec<u8> {
     let mut key = sequence.to_be_bytes().to_vec();
     key.extend_from_slice(&part.to_be_bytes());
+    key
+}
+
+/// Key of the highest applied source sequence of `image_id`'s model
+/// events derived from `stream`: `<image> 0 <stream>`.
+pub fn source_key(image_id: &str, stream: &str) -> Vec<u8> {
+    let mut key = image_prefix(image_id);
+    key.extend_from_slice(stream.as_bytes());
     key
 }
 

@@ -89,6 +89,7 @@ impl TestClock {
 /// One running modeler.
 struct Modeler {
     store: Arc<dyn ProjectionStore>,
+    health: Health,
     grpc: SocketAddr,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<anyhow::Result<()>>,
@@ -126,6 +127,7 @@ impl Modeler {
         ));
         let modeler = Self {
             store,
+            health: health.clone(),
             grpc,
             stop: Some(stop),
             task,
@@ -873,5 +875,133 @@ async fn the_learning_clock_counts_only_time_the_image_is_alive() {
         kinds,
         ["created", "liveness", "liveness", "liveness", "liveness", "locked"]
     );
+    modeler.stop().await;
+}
+
+/// Every message on `CNNF_MODELS` the modeler derived from another stream.
+async fn derived_model_events(js: &jetstream::Context) -> Vec<(String, Envelope)> {
+    let stream = js.get_stream(MODELS).await.unwrap();
+    let consumer = stream.create_consumer(pull::Config::default()).await.unwrap();
+    let mut messages = consumer
+        .fetch()
+        .max_messages(1000)
+        .expires(Duration::from_millis(500))
+        .messages()
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    while let Some(message) = messages.next().await {
+        let message = message.unwrap();
+        let envelope = Envelope::decode(message.payload.as_ref()).unwrap();
+        if envelope.event_id.starts_with("modeler:CNNF_") {
+            out.push((message.subject.to_string(), envelope));
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn derived_events_republished_after_the_duplicate_window_apply_once() {
+    let server = NatsServer::start().await;
+    let js = connect(&server).await;
+    let dir = tempfile::tempdir().unwrap();
+    let clock = TestClock::new(T0);
+    let modeler = Modeler::start(&server, open_store(dir.path()), &[], clock.options()).await;
+
+    // A pauses 40 s (learning ends at 140 s); A -> B:80 twice, A -> B:443 once.
+    start_workload(&js, "a1", A, T0).await;
+    start_workload(&js, "b1", B, T0).await;
+    stop_workload(&js, "a1", A, T0 + 10 * S).await;
+    start_workload(&js, "a2", A, T0 + 50 * S).await;
+    modeler
+        .model_where("the pause counted", A, |m| m.learning_ends_unix_nanos == T0 + 140 * S)
+        .await;
+    modeler.model_where("model B", B, |m| m.state == LEARNING).await;
+    decisions(
+        &js,
+        "1",
+        T0 + 51 * S,
+        vec![decision(image(A), image(B), 80, T0 + 51 * S, 2)],
+    )
+    .await;
+    decisions(
+        &js,
+        "2",
+        T0 + 52 * S,
+        vec![
+            decision(image(A), image(B), 80, T0 + 52 * S, 3),
+            decision(image(A), image(B), 443, T0 + 52 * S, 1),
+        ],
+    )
+    .await;
+    modeler.model_where("three learned", A, |m| m.outbound_count == 2).await;
+    modeler.caught_up(&js).await;
+    let before = model_set(modeler.store.as_ref());
+    let a_before = modeler.model(A).await.unwrap();
+    let b_before = modeler.model(B).await.unwrap();
+    assert_eq!(modeler.learned(A, Side::Outbound, 80).await[0].count, 5);
+
+    // The flows and workloads projections rebuilt after the duplicate
+    // window: every derived event stored again, same content and event
+    // id, a new message id (JetStream no longer remembers the old one).
+    let derived = derived_model_events(&js).await;
+    let kinds: Vec<_> = derived
+        .iter()
+        .filter_map(|(_, envelope)| match &envelope.payload {
+            Some(Payload::Model(event)) => event.change.as_ref().map(|change| match change {
+                model_event::Change::Learned(_) => "learned",
+                model_event::Change::Liveness(_) => "liveness",
+                model_event::Change::Created(_) => "created",
+                _ => "other",
+            }),
+            _ => None,
+        })
+        .collect();
+    for kind in ["created", "liveness", "learned"] {
+        assert!(kinds.contains(&kind), "no {kind} event among {kinds:?}");
+    }
+    for (n, (subject, envelope)) in derived.iter().enumerate() {
+        let publish = jetstream::message::PublishMessage::build()
+            .payload(cnnf_core::envelope::encode(envelope.clone()).into())
+            .message_id(format!("after-the-window-{n}"));
+        js.send_publish(subject.clone(), publish).await.unwrap().await.unwrap();
+    }
+    modeler.caught_up(&js).await;
+
+    assert_eq!(
+        model_set(modeler.store.as_ref()),
+        before,
+        "a republished event changed the model set"
+    );
+    assert_eq!(modeler.model(A).await.unwrap(), a_before);
+    assert_eq!(modeler.model(B).await.unwrap(), b_before);
+    assert_eq!(
+        modeler.learned(A, Side::Outbound, 80).await[0].count,
+        5,
+        "a count was doubled"
+    );
+    assert_eq!(
+        modeler.learned(B, Side::Inbound, 80).await[0].count,
+        5,
+        "a count was doubled"
+    );
+
+    let metrics = modeler.health.encode_metrics();
+    let ignored = format!("cnnf_modeler_models_republished_ignored_total {}", derived.len());
+    assert!(metrics.contains(&ignored), "expected {ignored} in {metrics}");
+
+    // What comes after is still learned.
+    decisions(
+        &js,
+        "3",
+        T0 + 53 * S,
+        vec![decision(image(A), image(B), 80, T0 + 53 * S, 1)],
+    )
+    .await;
+    eventually("the next decision", || async {
+        let learned = modeler.learned(A, Side::Outbound, 80).await;
+        (learned[0].count == 6).then_some(())
+    })
+    .await;
     modeler.stop().await;
 }
