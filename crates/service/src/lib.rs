@@ -284,3 +284,38 @@ where
         }
     }
 }
+
+/// Runs the parts of a service (runners, API servers, timers) until
+/// `shutdown` completes or one part stops on its own, then tells every part
+/// to stop through `stop` and waits for all of them. Returns the first
+/// failure: a part that stopped on its own is one, since parts run until
+/// told to stop.
+pub async fn run_parts(
+    mut parts: tokio::task::JoinSet<anyhow::Result<()>>,
+    stop: tokio::sync::watch::Sender<bool>,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    tokio::pin!(shutdown);
+    let early = tokio::select! {
+        () = &mut shutdown => None,
+        Some(joined) = parts.join_next() => Some(joined),
+    };
+    stop.send_replace(true);
+    let mut result = match early {
+        None => Ok(()),
+        Some(Ok(Ok(()))) => Err(anyhow::anyhow!("a part of the service stopped on its own")),
+        Some(Ok(Err(error))) => Err(error),
+        Some(Err(error)) => Err(error.into()),
+    };
+    while let Some(joined) = parts.join_next().await {
+        let outcome = joined.map_err(anyhow::Error::from).and_then(|outcome| outcome);
+        if let Err(error) = outcome {
+            if result.is_ok() {
+                result = Err(error);
+            } else {
+                tracing::error!(message = "Part of the service failed while stopping.", error = %format!("{error:#}"));
+            }
+        }
+    }
+    result
+}

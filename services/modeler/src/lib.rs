@@ -293,28 +293,7 @@ pub async fn run_with_store(
         burst_window_seconds = config.burst_window_seconds
     );
 
-    tokio::pin!(shutdown);
-    let early = tokio::select! {
-        () = &mut shutdown => None,
-        Some(joined) = tasks.join_next() => Some(joined),
-    };
-    stop.send_replace(true);
-    let mut result = match early {
-        None => Ok(()),
-        Some(Ok(Ok(()))) => Err(anyhow::anyhow!("a part of the service stopped on its own")),
-        Some(Ok(Err(error))) => Err(error),
-        Some(Err(error)) => Err(error.into()),
-    };
-    while let Some(joined) = tasks.join_next().await {
-        let outcome = joined.map_err(anyhow::Error::from).and_then(|outcome| outcome);
-        if let Err(error) = outcome {
-            if result.is_ok() {
-                result = Err(error);
-            } else {
-                tracing::error!(message = "Part of the service failed while stopping.", error = %format!("{error:#}"));
-            }
-        }
-    }
+    let result = cnnf_service::run_parts(tasks, stop, shutdown).await;
     tracing::info!(message = "Service stopped.", service = NAME);
     result
 }
