@@ -15,6 +15,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod outbox;
 pub mod publisher;
 pub mod runner;
 pub mod topology;

@@ -337,7 +337,7 @@ impl KvWriter {
             let message: OutboxMessage = registry::decode("outbox message", &value)?;
             tracing::warn!(message = "Address conflict reported.", subject = %message.subject, id = %message.id);
             self.publisher
-                .publish(OutgoingMessage::new(message.subject, message.id, message.payload))
+                .publish(message.into())
                 .await
                 .context("publishing an incident")?;
             self.metrics.address_conflicts.inc();

@@ -165,19 +165,7 @@ pub struct Liveness {
     pub sequence: u64,
 }
 
-/// A message to publish once the batch that produced it is committed.
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct OutboxMessage {
-    /// Subject to publish on.
-    #[prost(string, tag = "1")]
-    pub subject: String,
-    /// Deterministic id (`Nats-Msg-Id`).
-    #[prost(string, tag = "2")]
-    pub id: String,
-    /// Encoded envelope.
-    #[prost(bytes = "vec", tag = "3")]
-    pub payload: Vec<u8>,
-}
+pub use cnnf_bus::outbox::OutboxMessage;
 
 fn corrupt(what: &str, error: &dyn std::fmt::Display) -> StoreError {
     StoreError::Engine(format!("corrupt {what} in the ingest store: {error}"))

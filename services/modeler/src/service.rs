@@ -16,7 +16,7 @@ use anyhow::Context as _;
 use async_nats::jetstream;
 use cnnf_bus::runner::{CommitHook, HookAction, RunnerMetrics};
 use cnnf_bus::topology::{self, FLOWS, MODELS, WORKLOADS};
-use cnnf_bus::{OutgoingMessage, Projection, ProjectionRunner, Publisher, PublisherConfig, RunnerConfig, RunnerHooks};
+use cnnf_bus::{Projection, ProjectionRunner, Publisher, PublisherConfig, RunnerConfig, RunnerHooks};
 use cnnf_proto::v1::{model_event, ModelEvent};
 use cnnf_store::{ProjectionStore, WriteBatch};
 use tokio::sync::{watch, Notify};
@@ -207,7 +207,7 @@ async fn drain_once(shared: &Shared, table: &'static str, publisher: &mut Publis
         for (key, value) in entries {
             let message: OutboxMessage = store::decode("outbox message", &value)?;
             publisher
-                .publish(OutgoingMessage::new(message.subject, message.id, message.payload))
+                .publish(message.into())
                 .await
                 .context("publishing a derived event")?;
             done.delete(table, key);
@@ -276,9 +276,7 @@ async fn lock_once(shared: &Shared, publisher: &mut Publisher, now: i64) -> anyh
         };
         let message = model_envelope(&shared.cluster, &id, record.learning_ends_unix_nanos, event)?;
         tracing::info!(message = "Learning period ended: locking the model.", image = %image_id);
-        publisher
-            .publish(OutgoingMessage::new(message.subject, message.id, message.payload))
-            .await?;
+        publisher.publish(message.into()).await?;
         sent = true;
     }
     if sent {

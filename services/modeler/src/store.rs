@@ -129,19 +129,7 @@ pub struct BurstRecord {
     pub incident_raised: bool,
 }
 
-/// A message to publish once the batch that wrote it is committed.
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct OutboxMessage {
-    /// Subject.
-    #[prost(string, tag = "1")]
-    pub subject: String,
-    /// Deterministic id (`Nats-Msg-Id`).
-    #[prost(string, tag = "2")]
-    pub id: String,
-    /// Encoded envelope.
-    #[prost(bytes = "vec", tag = "3")]
-    pub payload: Vec<u8>,
-}
+pub use cnnf_bus::outbox::OutboxMessage;
 
 /// Key of an outbox message: part `part` of stream message `sequence`.
 pub fn outbox_key(sequence: u64, part: u32) -> Vec<u8> {
