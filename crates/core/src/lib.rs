@@ -2,9 +2,9 @@
 //!
 //! Everything here is deterministic and does no I/O: subject names and
 //! event ids ([`subjects`], [`ids`]) and the checks every consumer applies
-//! to a message before trusting it ([`envelope`]). The identity, model,
-//! rule and evaluation logic that the agent runs on the hot path and the
-//! policy service compiles will live here too, once.
+//! to a message before trusting it ([`envelope`]), and the decision of one
+//! connection ([`eval`]): identities, rules, models and modes, once, for
+//! the agent's hot path, the policy compiler and the audit simulator.
 //!
 //! Must never depend on NATS, RocksDB, tokio or any other I/O crate: the
 //! agent's verdict loop and the simulator both link it.
@@ -12,6 +12,7 @@
 #![forbid(unsafe_code)]
 
 pub mod envelope;
+pub mod eval;
 pub mod ids;
 pub mod subjects;
 
