@@ -11,6 +11,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod address;
 pub mod envelope;
 pub mod eval;
 pub mod ids;

@@ -103,6 +103,12 @@ pub fn incident(cluster: &Token, kind: &Token) -> String {
     format!("{ROOT}.incident.{cluster}.{kind}")
 }
 
+/// Key of a node's compiled verdict table in KV bucket `cnnf-verdicts`:
+/// `<cluster>.<node>`.
+pub fn verdict_key(cluster: &Token, node: &Token) -> String {
+    format!("{cluster}.{node}")
+}
+
 /// `cnnf.dlq.<consumer>`: messages a consumer quarantined.
 pub fn dead_letter(consumer: &Token) -> String {
     format!("{ROOT}.dlq.{consumer}")

@@ -61,7 +61,8 @@
 
 #![forbid(unsafe_code)]
 
-pub mod address;
+/// Address forms and KV keys, shared with the agents through the core crate.
+pub use cnnf_core::address;
 pub mod api;
 pub mod kv;
 pub mod liveness;

@@ -1,5 +1,5 @@
 //! Addresses: one canonical text form per address, and its key in the KV
-//! bucket `cnnf-identities`.
+//! bucket `cnnf-identities` (written by ingest, read by every agent).
 //!
 //! Agents may spell one address several ways (`FD00::1`, `fd00:0::1`,
 //! `::ffff:10.0.0.1` for an IPv4 address seen through a dual-stack
