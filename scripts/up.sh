@@ -36,8 +36,9 @@ pids+=($!)
 for _ in $(seq 100); do curl -sf http://127.0.0.1:9105/ready >/dev/null && break; sleep 0.2; done
 curl -sf http://127.0.0.1:9105/ready >/dev/null || { say "services did not become ready"; exit 1; }
 
-say "starting a node agent for node demo-node-1 (heartbeats)"
-CNNF_NODE=demo-node-1 CNNF_HTTP_ADDR=127.0.0.1:9100 "$BIN/cnnf-agent" &
+say "starting a node agent for node demo-node-1 (heartbeats and workloads; enforcement off in this demo)"
+mkdir -p "$STATE/agent"
+CNNF_NODE=demo-node-1 CNNF_HTTP_ADDR=127.0.0.1:9100 "$BIN/cnnf-agent" --no-dataplane --data-dir "$STATE/agent" &
 pids+=($!)
 
 say "publishing the demo workload"

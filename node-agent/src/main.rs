@@ -1,6 +1,16 @@
 //! The `cnnf-agent` process around [`cnnf_agent::run`].
 
 fn main() -> std::process::ExitCode {
+    // Check everything clap cannot before anything starts: a bad value
+    // exits with status 64 and says which flag.
+    let config: cnnf_agent::Config = match cnnf_service::parse_or_exit() {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    if let Err(error) = config.validate() {
+        eprintln!("{}: invalid configuration: {error:#}", cnnf_agent::NAME);
+        return std::process::ExitCode::from(cnnf_service::EXIT_BAD_CONFIG);
+    }
     cnnf_service::main(
         cnnf_agent::NAME,
         cnnf_agent::DEFAULT_HTTP_ADDR,

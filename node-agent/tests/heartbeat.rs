@@ -14,8 +14,12 @@ async fn agent_publishes_numbered_heartbeats_on_its_own_subject() {
     let js = jetstream::new(async_nats::connect(server.url()).await.unwrap());
     cnnf_bus::topology::ensure(&js, &Default::default()).await.unwrap();
 
+    let state = tempfile::tempdir().unwrap();
     let config = <cnnf_agent::Config as clap::Parser>::try_parse_from([
         "cnnf-agent",
+        "--no-dataplane",
+        "--data-dir",
+        state.path().to_str().unwrap(),
         "--nats-url",
         &server.url(),
         "--cluster",

@@ -183,6 +183,11 @@ pub const CONSUMERS: &[ConsumerSpec] = &[
         stream: FLOWS,
         filter_subjects: &[],
     },
+    ConsumerSpec {
+        durable: "policy-workloads",
+        stream: WORKLOADS,
+        filter_subjects: &[],
+    },
 ];
 
 /// The spec of a declared consumer, by durable name.

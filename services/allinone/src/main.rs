@@ -1,5 +1,5 @@
-//! `cnnf-allinone`: the ingest, modeler, policy and audit services in one
-//! process, sharing one configuration and one `/metrics` + `/ready`
+//! `cnnf-allinone`: the ingest, modeler, policy and audit services and the
+//! operator gateway in one process, sharing one configuration and one `/metrics` + `/ready`
 //! endpoint. Meant for a single node and the demo; a fleet runs the
 //! services as separate processes that scale out independently.
 
@@ -17,6 +17,8 @@ const DEFAULT_HTTP_ADDR: &str = "127.0.0.1:9105";
 struct Config {
     #[command(flatten)]
     common: CommonConfig,
+    #[command(flatten)]
+    gateway: cnnf_gateway::Settings,
 }
 
 async fn run(config: Config, health: Health, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
@@ -39,15 +41,19 @@ async fn run(config: Config, health: Health, shutdown: impl Future<Output = ()>)
             shutdown.clone()
         ),
         cnnf_policy::run(
-            cnnf_policy::Config {
-                common: with_data("policy")
-            },
+            cnnf_policy::Config::new(with_data("policy")),
             health.clone(),
             shutdown.clone()
         ),
         cnnf_audit::run(
-            cnnf_audit::Config {
-                common: with_data("audit")
+            cnnf_audit::Config::new(with_data("audit")),
+            health.clone(),
+            shutdown.clone()
+        ),
+        cnnf_gateway::run(
+            cnnf_gateway::Config {
+                common: common.clone(),
+                gateway: config.gateway,
             },
             health.clone(),
             shutdown.clone()

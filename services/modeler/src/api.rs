@@ -9,6 +9,11 @@
 //! change. Its id is derived from the model's revision and the command, so
 //! a retried command is stored once. The answer is the published event,
 //! its `revision` set to the stream sequence JetStream stored it at.
+//!
+//! The lists are paged (`page_size`, `page_token`): a fleet's models and
+//! one image's learned connections can be far more than one answer should
+//! carry. A token names the last key returned, so a page continues after
+//! it however the table changed in between.
 
 use std::sync::Arc;
 
@@ -214,19 +219,110 @@ fn internal(error: impl std::fmt::Display) -> Status {
     Status::internal(format!("models: {error}"))
 }
 
+/// Answers of one page: `page_size` 0 takes this many.
+pub const DEFAULT_PAGE_SIZE: usize = 1000;
+/// Most entries in one page.
+pub const MAX_PAGE_SIZE: usize = 10_000;
+
+/// The page size a request asks for.
+fn page_size(requested: u32) -> usize {
+    match usize::try_from(requested).unwrap_or(MAX_PAGE_SIZE) {
+        0 => DEFAULT_PAGE_SIZE,
+        size => size.min(MAX_PAGE_SIZE),
+    }
+}
+
+/// A page token: `<kind>:<hex of the last key returned>`. Opaque to
+/// callers; the next page starts after that key, so entries written or
+/// deleted meanwhile neither shift nor repeat the ones already listed.
+fn page_token(kind: &str, last_key: &[u8]) -> String {
+    format!("{kind}:{}", hex(last_key))
+}
+
+/// The key a page token names, checked to be a `kind` token under `prefix`.
+fn page_start(kind: &str, token: &str, prefix: &[u8]) -> Result<Option<Vec<u8>>, Status> {
+    if token.is_empty() {
+        return Ok(None);
+    }
+    let bad = || Status::invalid_argument("page_token: not a page token of this list (pass next_page_token unchanged)");
+    let hex_key = token
+        .strip_prefix(kind)
+        .and_then(|rest| rest.strip_prefix(':'))
+        .ok_or_else(bad)?;
+    if hex_key.len() % 2 != 0 {
+        return Err(bad());
+    }
+    let key = (0..hex_key.len())
+        .step_by(2)
+        .map(|at| {
+            hex_key
+                .get(at..at + 2)
+                .and_then(|byte| u8::from_str_radix(byte, 16).ok())
+        })
+        .collect::<Option<Vec<u8>>>()
+        .ok_or_else(bad)?;
+    if !key.starts_with(prefix) {
+        return Err(bad());
+    }
+    Ok(Some(key))
+}
+
+/// One page of `table` under `prefix` after the key of `token`: up to
+/// `size` entries `keep` accepts (decoded by it), and the next token.
+///
+/// The store answers prefix scans from the start of the prefix only, so a
+/// page costs a scan up to its end (cheap at the sizes one image or one
+/// fleet's model table reach); the token still makes the pages stable.
+fn page<T>(
+    store: &dyn ProjectionStore,
+    table: &'static str,
+    prefix: &[u8],
+    kind: &str,
+    token: &str,
+    size: usize,
+    mut keep: impl FnMut(&[u8], &[u8]) -> Result<Option<T>, Status>,
+) -> Result<(Vec<T>, String), Status> {
+    let start = page_start(kind, token, prefix)?;
+    let mut out = Vec::new();
+    let mut last: Option<Vec<u8>> = None;
+    for (key, value) in store.scan_prefix(table, prefix, usize::MAX).map_err(internal)? {
+        if start.as_ref().is_some_and(|start| key <= *start) {
+            continue;
+        }
+        let Some(item) = keep(&key, &value)? else {
+            continue;
+        };
+        if out.len() == size {
+            // One more matches: there is a next page.
+            let next = last.map(|last| page_token(kind, &last)).unwrap_or_default();
+            return Ok((out, next));
+        }
+        out.push(item);
+        last = Some(key);
+    }
+    Ok((out, String::new()))
+}
+
 #[tonic::async_trait]
 impl Models for ModelsApi {
-    async fn list_models(&self, _request: Request<ListModelsRequest>) -> Result<Response<ListModelsResponse>, Status> {
-        let mut models = Vec::new();
-        for (key, value) in self
-            .store
-            .scan_prefix(store::MODELS, b"", usize::MAX)
-            .map_err(internal)?
-        {
-            let record: ModelRecord = store::decode("model", &value).map_err(internal)?;
-            models.push(self.summary(&String::from_utf8_lossy(&key), &record)?);
-        }
-        Ok(Response::new(ListModelsResponse { models }))
+    async fn list_models(&self, request: Request<ListModelsRequest>) -> Result<Response<ListModelsResponse>, Status> {
+        let request = request.into_inner();
+        let (models, next_page_token) = page(
+            self.store.as_ref(),
+            store::MODELS,
+            b"",
+            "models",
+            &request.page_token,
+            page_size(request.page_size),
+            |key, value| {
+                let record: ModelRecord = store::decode("model", value).map_err(internal)?;
+                self.summary(&String::from_utf8_lossy(key), &record).map(Some)
+            },
+        )?;
+        Ok(Response::new(ListModelsResponse {
+            models,
+            next_page_token,
+        }))
     }
 
     async fn get_model(&self, request: Request<GetModelRequest>) -> Result<Response<ModelSummary>, Status> {
@@ -247,22 +343,26 @@ impl Models for ModelsApi {
                 request.side
             )));
         }
-        let mut connections = Vec::new();
-        for (_, value) in self
-            .store
-            .scan_prefix(store::LEARNED, &store::image_prefix(&request.image_id), usize::MAX)
-            .map_err(internal)?
-        {
-            let connection: LearnedConnection = store::decode("learned connection", &value).map_err(internal)?;
-            let keep = (request.side == 0 || connection.side == request.side)
-                && (request.port == 0 || connection.port == request.port)
-                && (request.peer_id.is_empty()
-                    || connection.peer.as_ref().is_some_and(|peer| peer.id == request.peer_id));
-            if keep {
-                connections.push(connection);
-            }
-        }
-        Ok(Response::new(ListLearnedConnectionsResponse { connections }))
+        let (connections, next_page_token) = page(
+            self.store.as_ref(),
+            store::LEARNED,
+            &store::image_prefix(&request.image_id),
+            "learned",
+            &request.page_token,
+            page_size(request.page_size),
+            |_, value| {
+                let connection: LearnedConnection = store::decode("learned connection", value).map_err(internal)?;
+                let keep = (request.side == 0 || connection.side == request.side)
+                    && (request.port == 0 || connection.port == request.port)
+                    && (request.peer_id.is_empty()
+                        || connection.peer.as_ref().is_some_and(|peer| peer.id == request.peer_id));
+                Ok(keep.then_some(connection))
+            },
+        )?;
+        Ok(Response::new(ListLearnedConnectionsResponse {
+            connections,
+            next_page_token,
+        }))
     }
 
     async fn command(&self, request: Request<ModelCommand>) -> Result<Response<ModelEvent>, Status> {

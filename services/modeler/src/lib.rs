@@ -1,8 +1,8 @@
 //! The CNNF modeler service: one model per image: learning, locking, and
 //! every model change on the log.
 //!
-//! The first time an image ID is seen anywhere in the fleet it gets a
-//! model, learning. While it learns, the connections its containers take
+//! The first time an image ID is seen anywhere in the fleet (a container
+//! of it starts, or a decision names it) it gets a model, learning. While it learns, the connections its containers take
 //! part in are recorded on the sides that learn (a connection S → D:port
 //! teaches S's outbound side only while S's model learns, and D's inbound
 //! side only while D's model learns). After the learning period the model
@@ -12,13 +12,12 @@
 //! compiler, the audit service and the Radar.
 //!
 //! ```text
-//! cnnf.workload.<c>.<n> ─► runner modeler-workloads ─► images ─► outbox ─► Created, Liveness ─┐
-//! cnnf.flow.<c>.<n>     ─► runner modeler-flows ─► (reads models) ─► outbox ─► Learned ─┤
-//!                                                      └─► burst ─► Incident         │
-//! gRPC Models.Command ─► validated ─► Locked / Extended / Relearn / Deleted ─────────┤
-//! lock timer (learning end reached) ─► Locked ───────────────────────────────────────┤
-//!                                                                                     ▼
-//!                      models, learned ◄── runner modeler-models ◄── cnnf.model.<image> (CNNF_MODELS)
+//! cnnf.workload.<c>.<n> ─► runner modeler-workloads ─► images ─► outbox ─► Created, Liveness ──────┐
+//! cnnf.flow.<c>.<n>     ─► runner modeler-flows ─► (reads models) ─► outbox ─► [Created,] Learned ─┤
+//!                                                      └─► burst ─► Incident                       │
+//! gRPC Models.Command ─► validated ─► Locked / Extended / Relearn / Deleted ───────────────────────┤
+//! lock timer (learning end reached) ─► Locked ─────────────────────────────────────────────────────┤
+//!                models, learned ◄── runner modeler-models ◄── cnnf.model.<image> (CNNF_MODELS) ◄──┘
 //! ```
 //!
 //! Why three runners and the log in the middle: the workload and flow
@@ -69,8 +68,9 @@
 //! durable), its `Learned`, `Created` and `Liveness` events are published
 //! again under the same ids and JetStream stores them again. The models
 //! runner keeps, per image and producer stream, the highest source
-//! sequence it applied (the `<seq>` of `modeler:CNNF_FLOWS:<seq>:<part>`
-//! or `modeler:CNNF_WORKLOADS:<seq>[:<part>]`, in `modeler_models_sources`,
+//! position it applied (the `<seq>` and `<part>` of
+//! `modeler:CNNF_FLOWS:<seq>:<part>` or `modeler:CNNF_WORKLOADS:<seq>[:<part>]`,
+//! in `modeler_models_sources`,
 //! written in the same batch as the change) and ignores a derived event at
 //! or below it, so counts and learning clocks are not applied twice. Such
 //! events are counted in `cnnf_modeler_models_republished_ignored`.
@@ -169,7 +169,20 @@ impl Config {
 /// A clock in Unix nanoseconds.
 pub type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;
 
-/// Settings tests use; production leaves them at their defaults.
+/// Settings tests and benchmarks use; production leaves them at their defaults.
+///
+/// Time: the lock timer asks [`RunOptions::now`] what time it is (and the
+/// API asks it when a command computes a new learning end), and it waits
+/// between looks with a tokio sleep on [`RunOptions::timer_runtime`] (the
+/// service's own runtime when `None`). Tests that need exact periods hand
+/// in [`RunOptions::paced_by`] a runtime whose time is paused
+/// (`start_paused`): the clock then reads that runtime's
+/// `tokio::time::Instant` and the timer sleeps on it, so the test moves
+/// time with `tokio::time::advance` and nothing else does. The NATS client,
+/// the runners and the API keep running on an ordinary runtime in real
+/// time (a paused runtime would fire their timeouts early), and a sleep
+/// registered with the paused runtime only fires while that runtime is
+/// driven, that is while the test advances it.
 #[derive(Clone, Default)]
 pub struct RunOptions {
     /// Called by the flows runner after each commit, before the ack: a
@@ -177,11 +190,41 @@ pub struct RunOptions {
     pub flows_after_commit: Option<CommitHook>,
     /// The wall clock of the lock timer and of commands (`None`: the system clock).
     pub clock: Option<Clock>,
-    /// How often the lock timer looks (`None`: every second).
+    /// Longest wait of the lock timer between two looks (`None`: one
+    /// second); it wakes earlier when a learning period ends sooner.
     pub timer_interval: Option<Duration>,
+    /// The runtime whose timers pace the lock timer (`None`: the one the
+    /// service runs on).
+    pub timer_runtime: Option<tokio::runtime::Handle>,
+    /// Run the projection runners on durables named `<durable>-<suffix>`
+    /// (`None`: the declared names). A rebuild from the whole log beside
+    /// the live consumers: fresh durables start at the first message.
+    pub durable_suffix: Option<String>,
 }
 
 impl RunOptions {
+    /// Options whose clock is the tokio clock of `runtime`, reading
+    /// `anchor_unix_nanos` now and moving with it, and whose lock timer
+    /// sleeps on `runtime`'s timers: with paused time, `tokio::time::advance`
+    /// on `runtime` is what moves the modeler's notion of time.
+    pub fn paced_by(runtime: tokio::runtime::Handle, anchor_unix_nanos: i64) -> Self {
+        let start = {
+            let _entered = runtime.enter();
+            tokio::time::Instant::now()
+        };
+        let clock_runtime = runtime.clone();
+        let clock: Clock = Arc::new(move || {
+            let _entered = clock_runtime.enter();
+            let elapsed = tokio::time::Instant::now().saturating_duration_since(start);
+            anchor_unix_nanos.saturating_add(i64::try_from(elapsed.as_nanos()).unwrap_or(i64::MAX))
+        });
+        Self {
+            clock: Some(clock),
+            timer_runtime: Some(runtime),
+            ..Self::default()
+        }
+    }
+
     /// Now, Unix nanoseconds.
     pub fn now(&self) -> i64 {
         match &self.clock {
@@ -190,6 +233,17 @@ impl RunOptions {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|elapsed| i64::try_from(elapsed.as_nanos()).unwrap_or(i64::MAX))
                 .unwrap_or(0),
+        }
+    }
+
+    /// A sleep of `wait` on the timer's runtime.
+    pub fn timer_sleep(&self, wait: Duration) -> tokio::time::Sleep {
+        match &self.timer_runtime {
+            Some(runtime) => {
+                let _entered = runtime.enter();
+                tokio::time::sleep(wait)
+            }
+            None => tokio::time::sleep(wait),
         }
     }
 }
@@ -224,7 +278,13 @@ pub async fn run_with_store(
     let timer_interval = options.timer_interval.unwrap_or(Duration::from_secs(1));
     let metrics: [cnnf_bus::runner::RunnerMetrics; 3] = Default::default();
     let republished = prometheus_client::metrics::counter::Counter::default();
+    let timer_looks = prometheus_client::metrics::counter::Counter::default();
     health.register(|registry| {
+        registry.register(
+            "cnnf_modeler_lock_timer_looks",
+            "Times the lock timer looked for models whose learning period ended",
+            timer_looks.clone(),
+        );
         registry.register(
             "cnnf_modeler_models_republished_ignored",
             "Derived model events the models runner ignored: already applied (republished after the duplicate window)",
@@ -250,7 +310,10 @@ pub async fn run_with_store(
         options: options.clone(),
         metrics,
         republished,
+        timer_looks,
     });
+    let js_for_floors = js.clone();
+    let options_for_floors = options.clone();
     let api = api::ModelsApi::new(
         Arc::clone(&store),
         js,
@@ -258,6 +321,30 @@ pub async fn run_with_store(
         config.learning_seconds,
         options,
     );
+
+    let workloads_skip = service::rebuild_floor(
+        &js_for_floors,
+        store.as_ref(),
+        cnnf_bus::topology::WORKLOADS,
+        WORKLOADS_DURABLE,
+        &options_for_floors,
+    )
+    .await?;
+    let flows_skip = service::rebuild_floor(
+        &js_for_floors,
+        store.as_ref(),
+        cnnf_bus::topology::FLOWS,
+        FLOWS_DURABLE,
+        &options_for_floors,
+    )
+    .await?;
+    if workloads_skip > 0 || flows_skip > 0 {
+        tracing::info!(
+            message = "Rebuilding: derived events of messages the live runners acknowledged are not published again.",
+            workloads_through = workloads_skip,
+            flows_through = flows_skip
+        );
+    }
 
     let (stop, stopping) = watch::channel(false);
     let workloads_notify = Arc::new(Notify::new());
@@ -272,12 +359,14 @@ pub async fn run_with_store(
     tasks.spawn(service::drain_outbox(
         Arc::clone(&shared),
         store::WORKLOADS_OUTBOX,
+        workloads_skip,
         workloads_notify,
         stopping.clone(),
     ));
     tasks.spawn(service::drain_outbox(
         Arc::clone(&shared),
         store::FLOWS_OUTBOX,
+        flows_skip,
         flows_notify,
         stopping.clone(),
     ));
@@ -366,6 +455,26 @@ mod tests {
             ..paused
         };
         assert!(service::lock_due(&late, 1_000));
+    }
+
+    #[test]
+    fn the_timer_sleeps_until_the_earliest_end_at_most_its_interval() {
+        let second = Duration::from_secs(1);
+        assert_eq!(service::next_wait(100, Some(101), second), Duration::from_nanos(1));
+        assert_eq!(service::next_wait(100, Some(100 + 5_000_000_000), second), second);
+        assert_eq!(service::next_wait(100, Some(100), second), second, "due: applied soon");
+        assert_eq!(service::next_wait(100, None, second), second);
+    }
+
+    #[test]
+    fn source_positions_order_by_sequence_then_part() {
+        let stored = store::encode_source(7, 3);
+        assert_eq!(store::decode_source(&stored), Some((7, 3)));
+        assert!(store::decode_source(&stored).unwrap() < (7, 4));
+        assert!(store::decode_source(&stored).unwrap() > (6, u32::MAX));
+        // A bare sequence (stored before parts were) covers every part.
+        assert_eq!(store::decode_source(&cnnf_store::encode_u64(7)), Some((7, u32::MAX)));
+        assert_eq!(store::decode_source(b"short"), None);
     }
 
     #[test]

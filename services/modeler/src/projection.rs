@@ -12,9 +12,13 @@
 //!   forwarded as one `Learned` event per image and flow message, unless
 //!   the image is in a burst (more than `burst limit` new connections in
 //!   `burst window` of event time): the excess is not learned and a
-//!   `LEARNING_BURST` incident is raised, once per window.
+//!   `LEARNING_BURST` incident is raised, once per window. An image seen in
+//!   a decision before it has a model gets one: the flows runner publishes
+//!   a `Created` for it ahead of its `Learned`.
 //! - [`ModelProjection`] (`CNNF_MODELS`): the state machine. It applies
-//!   every model event, from the log, in log order: created, learned (only
+//!   every model event, from the log, in log order: created (the first
+//!   `Created` of an image makes its model; any later one, from the other
+//!   producer or a rebuild, changes nothing), learned (only
 //!   while learning, only connections first seen before learning ends),
 //!   locked, extended, relearn, connection deleted, liveness (a pause
 //!   moves the learning end by its length). The model set is a
@@ -26,10 +30,11 @@
 //! JetStream drops a republished copy only within its duplicate window, so
 //! [`ModelProjection`] also applies derived events idempotently by their
 //! source: per image and producer stream it keeps the highest source
-//! sequence it applied ([`store::MODELS_SOURCES`], written in the same
-//! batch) and ignores a derived event at or below it (see [`derived_source`]).
+//! position (sequence, part) it applied ([`store::MODELS_SOURCES`], written
+//! in the same batch) and ignores a derived event at or below it (see
+//! [`derived_source`]).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -228,25 +233,54 @@ pub struct BurstLimit {
     pub window: Duration,
 }
 
+/// What one flow message teaches one image: its connections, each once
+/// (repeats merged), in the order the decisions named them.
+struct ImageCandidates {
+    /// The image's name, as the decision named it (for a `Created`).
+    name: String,
+    /// `(learned key, connection)`, in decision order.
+    connections: Vec<(Vec<u8>, LearnedConnection)>,
+    /// Position of each learned key in `connections`.
+    index: HashMap<Vec<u8>, usize>,
+}
+
 /// Decisions to `Learned` events (and burst incidents).
+///
+/// The work of one flow message is grouped by image before any store
+/// read: one model read and one burst record per image and message, one
+/// "already forwarded" read per distinct connection, one `Learned` event
+/// per image. A decision batch of an agent typically names few images and
+/// many connections, so this keeps the reads per decision far below one.
+///
+/// An image seen in a decision before any model exists for it (its
+/// `Created` from the workload stream not applied yet, or never coming:
+/// traffic of an image whose workload events were lost) is "seen in the
+/// fleet" all the same: the flows runner publishes a `Created` for it
+/// (learning, from the earliest first sight in the message) ahead of its
+/// `Learned`, and remembers that it did (`BurstRecord::model_created`), so
+/// it treats the image as learning (generation 1) until the models runner
+/// applied one. Whichever `Created` reaches `CNNF_MODELS` first makes the
+/// model; the models runner ignores every later one, so two producers
+/// never make two models nor reset one, and a replay of the log decides
+/// the same way.
 pub struct FlowProjection {
     burst: BurstLimit,
+    learning_period: Duration,
 }
 
 impl FlowProjection {
-    /// A fold with burst limits `burst`.
-    pub fn new(burst: BurstLimit) -> Self {
-        Self { burst }
+    /// A fold with burst limits `burst`; models it creates learn for `learning_period`.
+    pub fn new(burst: BurstLimit, learning_period: Duration) -> Self {
+        Self { burst, learning_period }
     }
 
-    /// The candidate (image, connection) pairs of one decision.
-    fn candidates(decision: &ConnectionDecision, time: i64) -> Vec<(String, LearnedConnection)> {
-        let mut out = Vec::new();
+    /// The candidate (image, image name, connection) triples of one decision.
+    fn candidates(decision: &ConnectionDecision, time: i64, out: &mut Vec<(String, String, LearnedConnection)>) {
         let (Some(source), Some(destination)) = (decision.source.as_ref(), decision.destination.as_ref()) else {
-            return out;
+            return;
         };
         let (Some(src), Some(dst)) = (source.identity.as_ref(), destination.identity.as_ref()) else {
-            return out;
+            return;
         };
         let first = if decision.first_seen_unix_nanos > 0 {
             decision.first_seen_unix_nanos
@@ -268,15 +302,47 @@ impl FlowProjection {
         };
         if is_image(src) {
             if let Some(peer) = store::peer_identity(dst) {
-                out.push((src.id.clone(), connection(Side::Outbound, peer)));
+                out.push((src.id.clone(), src.name.clone(), connection(Side::Outbound, peer)));
             }
         }
         if is_image(dst) {
             if let Some(peer) = store::peer_identity(src) {
-                out.push((dst.id.clone(), connection(Side::Inbound, peer)));
+                out.push((dst.id.clone(), dst.name.clone(), connection(Side::Inbound, peer)));
             }
         }
-        out
+    }
+
+    /// The decisions of one message grouped by image (in image order).
+    fn group(decisions: &[ConnectionDecision], time: i64) -> BTreeMap<String, ImageCandidates> {
+        let mut images: BTreeMap<String, ImageCandidates> = BTreeMap::new();
+        let mut found = Vec::new();
+        for decision in decisions {
+            Self::candidates(decision, time, &mut found);
+            for (image, name, connection) in found.drain(..) {
+                let key = store::learned_key(&image, &connection);
+                let entry = match images.get_mut(&image) {
+                    Some(entry) => entry,
+                    None => images.entry(image).or_insert_with(|| ImageCandidates {
+                        name,
+                        connections: Vec::new(),
+                        index: HashMap::new(),
+                    }),
+                };
+                match entry.index.get(&key) {
+                    Some(&at) => merge(&mut entry.connections[at].1, &connection),
+                    None => {
+                        entry.index.insert(key.clone(), entry.connections.len());
+                        entry.connections.push((key, connection));
+                    }
+                }
+            }
+        }
+        images
+    }
+
+    /// Puts one outbox message (part `part` of flow message `sequence`).
+    fn outbox(txn: &mut Txn<'_>, sequence: u64, part: u32, message: &OutboxMessage) {
+        txn.put(FLOWS_OUTBOX, store::outbox_key(sequence, part), message.encode_to_vec());
     }
 }
 
@@ -289,80 +355,117 @@ impl Projection for FlowProjection {
             ));
         };
         let time = envelope.time_unix_nanos;
+        let sequence = event.stream_sequence;
         let window = nanos(self.burst.window);
-        let mut learned: BTreeMap<String, BTreeMap<Vec<u8>, LearnedConnection>> = BTreeMap::new();
         let mut incidents: Vec<(String, BurstRecord)> = Vec::new();
-        for decision in &batch.decisions {
-            for (image, connection) in Self::candidates(decision, time) {
-                let Some(model) = read::<ModelRecord>(txn, MODELS, image.as_bytes())? else {
-                    continue;
-                };
-                if !model.learning() {
-                    continue;
+        let grouped = Self::group(&batch.decisions, time);
+        // Parts are fixed by the message alone, whatever the model state:
+        // image `i` (in image order) owns parts 2i (its `Created`) and
+        // 2i + 1 (its `Learned`); incidents follow. A rebuild that derives
+        // differently from the live run (another model state) can then
+        // never reuse an id for other content.
+        let mut incident_part = u32::try_from(grouped.len().saturating_mul(2)).unwrap_or(u32::MAX);
+        for (index, (image, candidates)) in grouped.into_iter().enumerate() {
+            let created_part = u32::try_from(index.saturating_mul(2)).unwrap_or(u32::MAX);
+            let image_key = image.as_bytes();
+            let mut flow_state: Option<BurstRecord> = None;
+            let (learning, generation, create) = match read::<ModelRecord>(txn, MODELS, image_key)? {
+                Some(model) => (model.learning(), model.generation, false),
+                None => {
+                    let state = read::<BurstRecord>(txn, FLOWS_BURST, image_key)?.unwrap_or_default();
+                    let create = !state.model_created;
+                    flow_state = Some(state);
+                    // A model this runner created (or is creating) learns, generation 1.
+                    (true, 1, create)
                 }
-                let key = store::learned_key(&image, &connection);
+            };
+            if !learning {
+                continue;
+            }
+            let mut burst = match flow_state {
+                Some(state) => state,
+                None => read::<BurstRecord>(txn, FLOWS_BURST, image_key)?.unwrap_or_default(),
+            };
+            let mut burst_changed = false;
+            if create {
+                let seen = candidates
+                    .connections
+                    .iter()
+                    .map(|(_, connection)| connection.first_seen_unix_nanos)
+                    .min()
+                    .unwrap_or(time)
+                    .min(time);
+                let created = ModelEvent {
+                    image_id: image.clone(),
+                    revision: 0,
+                    actor: ACTOR_LEARNING.to_owned(),
+                    change: Some(model_event::Change::Created(model_event::Created {
+                        image_name: candidates.name.clone(),
+                        learning_ends_unix_nanos: seen.saturating_add(nanos(self.learning_period)),
+                    })),
+                };
+                let id = cnnf_core::ids::derived(PRODUCER, FLOWS, sequence, Some(created_part));
+                let message = model_envelope(&envelope.cluster, &id, seen, created)
+                    .map_err(|error| invalid(error.to_string()))?;
+                Self::outbox(txn, sequence, created_part, &message);
+                burst.model_created = true;
+                burst_changed = true;
+            }
+            let mut learned = Vec::with_capacity(candidates.connections.len());
+            let known_generation = cnnf_store::encode_u64(generation);
+            for (key, connection) in candidates.connections {
                 let known = txn
                     .get(FLOWS_KNOWN, &key)?
                     .and_then(|bytes| cnnf_store::decode_u64(&bytes))
-                    .is_some_and(|generation| generation == model.generation);
+                    .is_some_and(|known| known == generation);
                 if !known {
-                    let mut burst = read::<BurstRecord>(txn, FLOWS_BURST, image.as_bytes())?.unwrap_or_default();
                     if burst.new_count == 0 || time.saturating_sub(burst.window_start_unix_nanos) >= window {
                         burst = BurstRecord {
                             window_start_unix_nanos: time,
                             new_count: 0,
                             incident_raised: false,
+                            model_created: burst.model_created,
                         };
                     }
+                    burst_changed = true;
                     if burst.new_count >= self.burst.limit {
                         if !burst.incident_raised {
                             burst.incident_raised = true;
                             incidents.push((image.clone(), burst.clone()));
                         }
-                        txn.put(FLOWS_BURST, image.as_bytes().to_vec(), burst.encode_to_vec());
                         continue;
                     }
                     burst.new_count += 1;
-                    txn.put(FLOWS_BURST, image.as_bytes().to_vec(), burst.encode_to_vec());
-                    txn.put(
-                        FLOWS_KNOWN,
-                        key.clone(),
-                        cnnf_store::encode_u64(model.generation).to_vec(),
-                    );
+                    txn.put(FLOWS_KNOWN, key, known_generation.to_vec());
                 }
-                let entry = learned.entry(image).or_default();
-                match entry.get_mut(&key) {
-                    Some(existing) => merge(existing, &connection),
-                    None => {
-                        entry.insert(key, connection);
-                    }
-                }
+                learned.push(connection);
             }
-        }
-        let mut part = 0u32;
-        for (image, connections) in learned {
+            if burst_changed {
+                txn.put(FLOWS_BURST, image_key.to_vec(), burst.encode_to_vec());
+            }
+            if learned.is_empty() {
+                continue;
+            }
             let event_out = ModelEvent {
                 image_id: image,
                 revision: 0,
                 actor: ACTOR_LEARNING.to_owned(),
                 change: Some(model_event::Change::Learned(model_event::Learned {
-                    connections: connections.into_values().collect(),
+                    connections: learned,
                 })),
             };
-            let id = cnnf_core::ids::derived(PRODUCER, FLOWS, event.stream_sequence, Some(part));
+            let learned_part = created_part.saturating_add(1);
+            let id = cnnf_core::ids::derived(PRODUCER, FLOWS, sequence, Some(learned_part));
             let message =
                 model_envelope(&envelope.cluster, &id, time, event_out).map_err(|error| invalid(error.to_string()))?;
-            txn.put(
-                FLOWS_OUTBOX,
-                store::outbox_key(event.stream_sequence, part),
-                message.encode_to_vec(),
-            );
-            part += 1;
+            Self::outbox(txn, sequence, learned_part, &message);
         }
         for (image, burst) in incidents {
             let cluster =
                 Token::new("cluster", &envelope.cluster).map_err(|error| invalid(format!("invalid-name: {error}")))?;
-            let id = cnnf_core::ids::derived(PRODUCER, FLOWS, event.stream_sequence, Some(part));
+            let part = incident_part;
+            incident_part = incident_part.saturating_add(1);
+            let id = cnnf_core::ids::derived(PRODUCER, FLOWS, sequence, Some(part));
             let incident = Incident {
                 incident_id: id.clone(),
                 kind: incident::Kind::LearningBurst as i32,
@@ -397,12 +500,7 @@ impl Projection for FlowProjection {
                 id,
                 payload: out.encode_to_vec(),
             };
-            txn.put(
-                FLOWS_OUTBOX,
-                store::outbox_key(event.stream_sequence, part),
-                message.encode_to_vec(),
-            );
-            part += 1;
+            Self::outbox(txn, sequence, part, &message);
             tracing::warn!(message = "Learning burst: excess connections not learned.", image = %image, limit = self.burst.limit);
         }
         Ok(())
@@ -453,23 +551,26 @@ impl ModelProjection {
 }
 
 /// The source of a model event the modeler derived: its producer stream
-/// (`CNNF_FLOWS` or `CNNF_WORKLOADS`) and that stream's sequence, read from
-/// its event id `modeler:<stream>:<sequence>[:<part>]`. `None` for any
-/// other event (commands, the lock timer).
+/// (`CNNF_FLOWS` or `CNNF_WORKLOADS`), that stream's sequence and the
+/// part, read from its event id `modeler:<stream>:<sequence>[:<part>]` (no
+/// part: 0). `None` for any other event (commands, the lock timer).
 ///
-/// Per image and source message the modeler derives at most one model
-/// event (one `Learned` per image and flow message; `Created` or one
-/// `Liveness` per image and workload message), and its outboxes are
-/// published in source order, so per image and stream the source
-/// sequences on `CNNF_MODELS` only grow: one at or below the highest
-/// applied is a republished copy.
-pub fn derived_source(event_id: &str) -> Option<(&'static str, u64)> {
+/// Per image, the events derived from one source message have increasing
+/// parts (a `Created` before the `Learned` of the same flow message; a
+/// `Created` or one `Liveness` per workload message), and the outboxes
+/// are published in (sequence, part) order, so per image and stream the
+/// source positions on `CNNF_MODELS` only grow: one at or below the
+/// highest applied is a republished copy.
+pub fn derived_source(event_id: &str) -> Option<(&'static str, u64, u32)> {
     let rest = event_id.strip_prefix(PRODUCER)?.strip_prefix(':')?;
     let (stream, rest) = rest.split_once(':')?;
     let stream = [FLOWS, WORKLOADS].into_iter().find(|known| *known == stream)?;
-    let sequence = rest.split_once(':').map_or(rest, |(sequence, _part)| sequence);
+    let (sequence, part) = match rest.split_once(':') {
+        Some((sequence, part)) => (sequence, part.parse::<u32>().ok()?),
+        None => (rest, 0),
+    };
     let sequence = sequence.parse::<u64>().ok()?;
-    Some((stream, sequence))
+    Some((stream, sequence, part))
 }
 
 fn count_of(record: &mut ModelRecord, side: i32) -> &mut u64 {
@@ -494,11 +595,11 @@ impl Projection for ModelProjection {
             .as_ref()
             .ok_or_else(|| invalid("no-change: the model event carries no change"))?;
         let source = derived_source(&envelope.event_id);
-        if let Some((stream, source_sequence)) = source {
+        if let Some((stream, source_sequence, part)) = source {
             let applied = txn
                 .get(MODELS_SOURCES, &store::source_key(&model.image_id, stream))?
-                .and_then(|bytes| cnnf_store::decode_u64(&bytes));
-            if applied.is_some_and(|applied| source_sequence <= applied) {
+                .and_then(|bytes| store::decode_source(&bytes));
+            if applied.is_some_and(|applied| (source_sequence, part) <= applied) {
                 self.republished.inc();
                 tracing::debug!(
                     message = "Derived model event already applied; ignored.",
@@ -509,11 +610,11 @@ impl Projection for ModelProjection {
             }
         }
         self.apply_change(event, model, change, txn)?;
-        if let Some((stream, source_sequence)) = source {
+        if let Some((stream, source_sequence, part)) = source {
             txn.put(
                 MODELS_SOURCES,
                 store::source_key(&model.image_id, stream),
-                cnnf_store::encode_u64(source_sequence).to_vec(),
+                store::encode_source(source_sequence, part).to_vec(),
             );
         }
         Ok(())
@@ -556,6 +657,7 @@ impl ModelProjection {
             model_event::Change::Learned(learned) => {
                 let mut changed = false;
                 if record.learning() {
+                    let mut written = Vec::with_capacity(learned.connections.len());
                     for connection in &learned.connections {
                         if !store::valid_side(connection.side)
                             || connection.first_seen_unix_nanos >= record.learning_ends_unix_nanos
@@ -574,9 +676,10 @@ impl ModelProjection {
                             }
                         };
                         txn.put(LEARNED, learned_key.clone(), merged.encode_to_vec());
-                        self.pending().insert(learned_key);
+                        written.push(learned_key);
                         changed = true;
                     }
+                    self.pending().extend(written);
                 }
                 changed
             }
@@ -667,13 +770,14 @@ mod tests {
 
     #[test]
     fn the_source_of_a_derived_event_is_read_from_its_id() {
-        assert_eq!(derived_source("modeler:CNNF_FLOWS:42:3"), Some((FLOWS, 42)));
-        assert_eq!(derived_source("modeler:CNNF_WORKLOADS:7"), Some((WORKLOADS, 7)));
-        assert_eq!(derived_source("modeler:CNNF_WORKLOADS:7:1"), Some((WORKLOADS, 7)));
+        assert_eq!(derived_source("modeler:CNNF_FLOWS:42:3"), Some((FLOWS, 42, 3)));
+        assert_eq!(derived_source("modeler:CNNF_WORKLOADS:7"), Some((WORKLOADS, 7, 0)));
+        assert_eq!(derived_source("modeler:CNNF_WORKLOADS:7:1"), Some((WORKLOADS, 7, 1)));
         for other in [
             "modeler-timer:sha256:aaaa:1:5",
             "modeler:CNNF_MODELS:3",
             "modeler:CNNF_FLOWS:x:1",
+            "modeler:CNNF_FLOWS:1:y",
             "alice:cmd:1",
             "",
         ] {

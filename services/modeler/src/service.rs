@@ -38,6 +38,8 @@ pub const ACTOR_TIMER: &str = "timer";
 const BACKOFF: Duration = Duration::from_millis(500);
 /// Outboxes are drained at least this often, even without a commit.
 const DRAIN_INTERVAL: Duration = Duration::from_secs(1);
+/// How often the lock timer looks whether the models runner caught up at start.
+const CATCH_UP_POLL: Duration = Duration::from_millis(20);
 
 /// Completes when `stop` turns true (or its sender is gone).
 pub async fn stopped(mut stop: watch::Receiver<bool>) {
@@ -62,13 +64,21 @@ pub struct Shared {
     pub metrics: [RunnerMetrics; 3],
     /// Derived model events the models runner ignored as republished.
     pub republished: prometheus_client::metrics::counter::Counter,
+    /// Looks of the lock timer.
+    pub timer_looks: prometheus_client::metrics::counter::Counter,
 }
 
-fn runner_config(stream: &str, durable: &str) -> RunnerConfig {
-    match topology::consumer(durable) {
+/// The runner settings of `durable` on `stream`, renamed
+/// `<durable>-<suffix>` when the options ask for fresh durables.
+fn runner_config(stream: &str, durable: &str, options: &RunOptions) -> RunnerConfig {
+    let mut config = match topology::consumer(durable) {
         Some(spec) => RunnerConfig::for_consumer(spec),
         None => RunnerConfig::new(stream, durable),
+    };
+    if let Some(suffix) = &options.durable_suffix {
+        config.durable = format!("{durable}-{suffix}");
     }
+    config
 }
 
 /// Runs one projection until `stop`, starting it again after a failure.
@@ -91,7 +101,7 @@ pub async fn supervise_runner<P: Projection>(
             shared.js.clone(),
             Arc::clone(&shared.store),
             make(),
-            runner_config(stream, durable),
+            runner_config(stream, durable, &shared.options),
         )
         .with_hooks(RunnerHooks {
             after_commit: after_commit.clone(),
@@ -139,7 +149,7 @@ pub async fn runners(shared: Arc<Shared>, notify: [Arc<Notify>; 2], stop: watch:
         Arc::clone(&shared),
         FLOWS,
         FLOWS_DURABLE,
-        move || FlowProjection::new(burst),
+        move || FlowProjection::new(burst, period),
         Some(waking_hook(
             flows_notify,
             shared.options.flows_after_commit.clone(),
@@ -171,17 +181,59 @@ pub async fn runners(shared: Arc<Shared>, notify: [Arc<Notify>; 2], stop: watch:
     a.and(b).and(c)
 }
 
+/// The stream sequence through which the declared consumer `durable` on
+/// `stream` has acknowledged (0: there is none).
+pub async fn acked_floor(js: &jetstream::Context, stream: &str, durable: &str) -> anyhow::Result<u64> {
+    let stream = js
+        .get_stream(stream)
+        .await
+        .with_context(|| format!("looking up {stream}"))?;
+    match stream.consumer_info(durable).await {
+        Ok(info) => Ok(info.ack_floor.stream_sequence),
+        Err(error) if error.kind() == jetstream::context::ConsumerInfoErrorKind::NotFound => Ok(0),
+        Err(error) => Err(anyhow::Error::new(error).context(format!("looking up consumer {durable}"))),
+    }
+}
+
+/// Through which source sequence a drainer must not publish: nothing
+/// (0), unless this store is behind what the declared consumer `durable`
+/// already acknowledged, that is unless this is a rebuild (an empty store,
+/// fresh durables): then the events derived from those messages are on
+/// the log already (the live runner commits before it acks and its outbox
+/// publishes after the commit), and the rebuild re-derives them only to
+/// rebuild its own tables. A flows rebuild reads another model state than
+/// the live runner read and can derive other events from the same
+/// message; published, they would land at the end of the log and change
+/// models the live run never changed (old traffic taught to a relearnt
+/// model). The exception: a store lost with outbox entries not yet
+/// published; those few derived events were never on the log.
+pub async fn rebuild_floor(
+    js: &jetstream::Context,
+    store: &dyn ProjectionStore,
+    stream: &str,
+    durable: &'static str,
+    options: &RunOptions,
+) -> anyhow::Result<u64> {
+    let floor = acked_floor(js, stream, durable).await?;
+    let ours = runner_config(stream, durable, options).durable;
+    let applied = cnnf_store::applied_sequence(store, &ours)?;
+    Ok(if applied < floor { floor } else { 0 })
+}
+
 /// Publishes what `table` holds, then deletes it; woken by `notify` and
-/// at least every second, until `stop`.
+/// at least every second, until `stop`. Entries derived from source
+/// messages at or below `skip_through` ([`rebuild_floor`]) are deleted
+/// without being published.
 pub async fn drain_outbox(
     shared: Arc<Shared>,
     table: &'static str,
+    skip_through: u64,
     notify: Arc<Notify>,
     stop: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let mut publisher = Publisher::new(shared.js.clone(), PublisherConfig::default());
     loop {
-        if let Err(error) = drain_once(&shared, table, &mut publisher).await {
+        if let Err(error) = drain_once(&shared, table, skip_through, &mut publisher).await {
             tracing::warn!(message = "Publishing the outbox failed; trying again.", table, error = %format!("{error:#}"));
             publisher = Publisher::new(shared.js.clone(), PublisherConfig::default());
         }
@@ -196,7 +248,12 @@ pub async fn drain_outbox(
     }
 }
 
-async fn drain_once(shared: &Shared, table: &'static str, publisher: &mut Publisher) -> anyhow::Result<()> {
+async fn drain_once(
+    shared: &Shared,
+    table: &'static str,
+    skip_through: u64,
+    publisher: &mut Publisher,
+) -> anyhow::Result<()> {
     loop {
         let store = Arc::clone(&shared.store);
         let entries = tokio::task::spawn_blocking(move || store.scan_prefix(table, b"", 1000)).await??;
@@ -205,6 +262,14 @@ async fn drain_once(shared: &Shared, table: &'static str, publisher: &mut Publis
         }
         let mut done = WriteBatch::new();
         for (key, value) in entries {
+            let source = key
+                .get(..8)
+                .and_then(|sequence| sequence.try_into().ok())
+                .map_or(u64::MAX, u64::from_be_bytes);
+            if source <= skip_through {
+                done.delete(table, key);
+                continue;
+            }
             let message: OutboxMessage = store::decode("outbox message", &value)?;
             publisher
                 .publish(message.into())
@@ -237,31 +302,90 @@ pub fn lock_id(image_id: &str, record: &ModelRecord) -> String {
     )
 }
 
+/// How long the lock timer waits after a look at `now`: until the
+/// earliest learning end still ahead (`next_end`), at most `interval`.
+pub fn next_wait(now: i64, next_end: Option<i64>, interval: Duration) -> Duration {
+    match next_end {
+        Some(end) if end > now => interval.min(Duration::from_nanos(u64::try_from(end - now).unwrap_or(u64::MAX))),
+        _ => interval,
+    }
+}
+
 /// Publishes `Locked` (reason "period-ended") for every learning model
-/// whose learning period ended, every `interval`, until `stop`. The event's
-/// time is the end of the period (event time), whenever the timer runs.
+/// whose learning period ended, until `stop`. The event's time is the end
+/// of the period (event time), whenever the timer runs. Between looks it
+/// sleeps until the earliest learning end still ahead, at most `interval`
+/// (a model created, extended or relearnt meanwhile is seen within
+/// `interval`), on the timer's runtime ([`RunOptions::timer_sleep`]), so
+/// a model locks at the end of its period, not a tick later. Each look is
+/// counted in `cnnf_modeler_lock_timer_looks`.
 pub async fn lock_timer(shared: Arc<Shared>, interval: Duration, stop: watch::Receiver<bool>) -> anyhow::Result<()> {
     let mut publisher = Publisher::new(shared.js.clone(), PublisherConfig::default());
+    // First the models runner applies the log as it stands: a store still
+    // rebuilding shows old states (a model learning that was locked and
+    // relearnt since), and a lock published from one would apply to the
+    // current state.
+    let models_durable = runner_config(MODELS, MODELS_DURABLE, &shared.options).durable;
+    let mut caught_up_at = None;
     loop {
-        let now = shared.options.now();
-        if let Err(error) = lock_once(&shared, &mut publisher, now).await {
-            tracing::warn!(message = "Lock timer failed; trying again.", error = %format!("{error:#}"));
-            publisher = Publisher::new(shared.js.clone(), PublisherConfig::default());
+        let target = match caught_up_at {
+            Some(target) => target,
+            None => match shared.js.get_stream(MODELS).await {
+                Ok(mut stream) => match stream.info().await {
+                    Ok(info) => *caught_up_at.insert(info.state.last_sequence),
+                    Err(error) => {
+                        tracing::warn!(message = "Lock timer: reading CNNF_MODELS failed.", %error);
+                        u64::MAX
+                    }
+                },
+                Err(error) => {
+                    tracing::warn!(message = "Lock timer: reading CNNF_MODELS failed.", %error);
+                    u64::MAX
+                }
+            },
+        };
+        if cnnf_store::applied_sequence(shared.store.as_ref(), &models_durable)? >= target {
+            break;
         }
         tokio::select! {
             () = stopped(stop.clone()) => return Ok(()),
-            () = tokio::time::sleep(interval) => {}
+            () = tokio::time::sleep(CATCH_UP_POLL) => {}
+        }
+    }
+    loop {
+        let now = shared.options.now();
+        let wait = match lock_once(&shared, &mut publisher, now).await {
+            Ok(next_end) => next_wait(now, next_end, interval),
+            Err(error) => {
+                tracing::warn!(message = "Lock timer failed; trying again.", error = %format!("{error:#}"));
+                publisher = Publisher::new(shared.js.clone(), PublisherConfig::default());
+                interval
+            }
+        };
+        shared.timer_looks.inc();
+        let sleep = shared.options.timer_sleep(wait);
+        tokio::select! {
+            () = stopped(stop.clone()) => return Ok(()),
+            () = sleep => {}
         }
     }
 }
 
-async fn lock_once(shared: &Shared, publisher: &mut Publisher, now: i64) -> anyhow::Result<()> {
+/// One look of the lock timer at `now`: publishes the locks that are due
+/// and returns the earliest learning end still ahead.
+async fn lock_once(shared: &Shared, publisher: &mut Publisher, now: i64) -> anyhow::Result<Option<i64>> {
     let store = Arc::clone(&shared.store);
     let models = tokio::task::spawn_blocking(move || store.scan_prefix(store::MODELS, b"", usize::MAX)).await??;
     let mut sent = false;
+    let mut next_end: Option<i64> = None;
     for (key, value) in models {
         let record: ModelRecord = store::decode("model", &value)?;
         if !lock_due(&record, now) {
+            if record.learning() && record.paused_unix_nanos == 0 && record.learning_ends_unix_nanos > now {
+                next_end = Some(next_end.map_or(record.learning_ends_unix_nanos, |end| {
+                    end.min(record.learning_ends_unix_nanos)
+                }));
+            }
             continue;
         }
         let image_id = String::from_utf8_lossy(&key).into_owned();
@@ -282,5 +406,5 @@ async fn lock_once(shared: &Shared, publisher: &mut Publisher, now: i64) -> anyh
     if sent {
         publisher.flush().await?;
     }
-    Ok(())
+    Ok(next_end)
 }

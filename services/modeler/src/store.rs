@@ -10,7 +10,7 @@
 //! | `modeler_workloads_outbox` | workloads runner (puts), its drainer (deletes) | `<seq> <part>` | [`OutboxMessage`] |
 //! | `modeler_models` | models runner | image id | [`ModelRecord`]: state, learning end, revision, generation |
 //! | `modeler_learned` | models runner | [`learned_key`] | `cnnf.v1.LearnedConnection` |
-//! | `modeler_models_sources` | models runner | [`source_key`] | highest source sequence (u64) applied |
+//! | `modeler_models_sources` | models runner | [`source_key`] | highest source position applied ([`encode_source`]) |
 //! | `modeler_flows_known` | flows runner | [`learned_key`] | generation (u64) the connection was forwarded in |
 //! | `modeler_flows_burst` | flows runner | image id | [`BurstRecord`] |
 //! | `modeler_flows_outbox` | flows runner (puts), its drainer (deletes) | `<seq> <part>` | [`OutboxMessage`] |
@@ -33,9 +33,10 @@ pub const WORKLOADS_OUTBOX: &str = "modeler_workloads_outbox";
 pub const MODELS: &str = "modeler_models";
 /// Learned connections, owned by the models runner.
 pub const LEARNED: &str = "modeler_learned";
-/// Per image and producer stream, the highest source sequence of a
-/// derived model event the models runner applied, owned by the models
-/// runner: a derived event at or below it is a republish and is ignored.
+/// Per image and producer stream, the highest source position (sequence,
+/// part) of a derived model event the models runner applied, owned by the
+/// models runner: a derived event at or below it is a republish and is
+/// ignored.
 pub const MODELS_SOURCES: &str = "modeler_models_sources";
 /// Connections the flows runner already forwarded (burst accounting).
 pub const FLOWS_KNOWN: &str = "modeler_flows_known";
@@ -115,7 +116,8 @@ impl ModelRecord {
     }
 }
 
-/// New connections of one learning image in the current burst window.
+/// What the flows runner keeps per image: new connections in the current
+/// burst window, and whether it created the image's model.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct BurstRecord {
     /// Event time the window started.
@@ -127,6 +129,11 @@ pub struct BurstRecord {
     /// An incident was already raised for this window.
     #[prost(bool, tag = "3")]
     pub incident_raised: bool,
+    /// The flows runner published a `Created` for the image (it was seen
+    /// in a decision before any model existed): until the models runner
+    /// applies a `Created`, the image learns, generation 1.
+    #[prost(bool, tag = "4")]
+    pub model_created: bool,
 }
 
 pub use cnnf_bus::outbox::OutboxMessage;
@@ -136,6 +143,30 @@ pub fn outbox_key(sequence: u64, part: u32) -> Vec<u8> {
     let mut key = sequence.to_be_bytes().to_vec();
     key.extend_from_slice(&part.to_be_bytes());
     key
+}
+
+/// A source position as stored in [`MODELS_SOURCES`]: the source
+/// message's stream sequence, then the part, both big-endian.
+pub fn encode_source(sequence: u64, part: u32) -> [u8; 12] {
+    let mut out = [0; 12];
+    out[..8].copy_from_slice(&sequence.to_be_bytes());
+    out[8..].copy_from_slice(&part.to_be_bytes());
+    out
+}
+
+/// Reads a stored source position. A bare sequence (8 bytes, written
+/// before parts were recorded, when each source message derived at most
+/// one event per image) covers every part of that message.
+pub fn decode_source(bytes: &[u8]) -> Option<(u64, u32)> {
+    match bytes.len() {
+        8 => cnnf_store::decode_u64(bytes).map(|sequence| (sequence, u32::MAX)),
+        12 => {
+            let sequence = u64::from_be_bytes(bytes[..8].try_into().ok()?);
+            let part = u32::from_be_bytes(bytes[8..].try_into().ok()?);
+            Some((sequence, part))
+        }
+        _ => None,
+    }
 }
 
 /// Key of the highest applied source sequence of `image_id`'s model

@@ -89,6 +89,8 @@ impl TestClock {
 /// One running modeler.
 struct Modeler {
     store: Arc<dyn ProjectionStore>,
+    /// `RunOptions::durable_suffix` it runs with.
+    suffix: Option<String>,
     health: Health,
     grpc: SocketAddr,
     stop: Option<oneshot::Sender<()>>,
@@ -115,6 +117,7 @@ impl Modeler {
         let config = Config::try_parse_from(args).unwrap();
         cnnf_service::init_logging();
         let health = Health::default();
+        let suffix = options.durable_suffix.clone();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(cnnf_modeler::run_with_store(
             config,
@@ -127,6 +130,7 @@ impl Modeler {
         ));
         let modeler = Self {
             store,
+            suffix,
             health: health.clone(),
             grpc,
             stop: Some(stop),
@@ -165,7 +169,7 @@ impl Modeler {
             image_id: image.into(),
             side: side as i32,
             port,
-            peer_id: String::new(),
+            ..Default::default()
         };
         self.client()
             .await
@@ -209,8 +213,12 @@ impl Modeler {
                 .unwrap()
                 .state
                 .last_sequence;
-            eventually(durable, || async {
-                (applied_sequence(self.store.as_ref(), durable).unwrap() >= last).then_some(())
+            let durable = match &self.suffix {
+                Some(suffix) => format!("{durable}-{suffix}"),
+                None => durable.to_owned(),
+            };
+            eventually(&durable, || async {
+                (applied_sequence(self.store.as_ref(), &durable).unwrap() >= last).then_some(())
             })
             .await;
         }
@@ -1003,5 +1011,421 @@ async fn derived_events_republished_after_the_duplicate_window_apply_once() {
         (learned[0].count == 6).then_some(())
     })
     .await;
+    modeler.stop().await;
+}
+
+/// The stored record of `image`'s model.
+fn record(store: &dyn ProjectionStore, image: &str) -> cnnf_modeler::store::ModelRecord {
+    let bytes = store
+        .get(cnnf_modeler::store::MODELS, image.as_bytes())
+        .unwrap()
+        .unwrap();
+    cnnf_modeler::store::decode("model", &bytes).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_decision_before_any_workload_event_creates_the_model_and_is_learned() {
+    let server = NatsServer::start().await;
+    let js = connect(&server).await;
+    let dir = tempfile::tempdir().unwrap();
+    let clock = TestClock::new(T0);
+    let modeler = Modeler::start(&server, open_store(dir.path()), &[], clock.options()).await;
+
+    // No workload event at all: A → B:5432, first seen at 5 s.
+    decisions(
+        &js,
+        "1",
+        T0 + 5 * S,
+        vec![decision(image(A), image(B), 5432, T0 + 5 * S, 2)],
+    )
+    .await;
+    let a = modeler
+        .model_where("A created by the decision", A, |m| m.outbound_count == 1)
+        .await;
+    assert_eq!(
+        (a.state, a.container_count, a.learning_ends_unix_nanos),
+        (LEARNING, 0, T0 + 105 * S),
+        "learning, a period after the image was first seen in a decision"
+    );
+    assert_eq!(a.image_name, format!("{A}-name"));
+    let b = modeler
+        .model_where("B created by the decision", B, |m| m.inbound_count == 1)
+        .await;
+    assert_eq!((b.state, b.learning_ends_unix_nanos), (LEARNING, T0 + 105 * S));
+    assert_eq!(modeler.learned(A, Side::Outbound, 5432).await[0].count, 2);
+
+    // The workload shows up later: its Created resets nothing.
+    start_workload(&js, "a1", A, T0 + 10 * S).await;
+    let a = modeler
+        .model_where("A's container", A, |m| m.container_count == 1)
+        .await;
+    assert_eq!(
+        (a.state, a.learning_ends_unix_nanos, a.outbound_count),
+        (LEARNING, T0 + 105 * S, 1)
+    );
+    decisions(
+        &js,
+        "2",
+        T0 + 11 * S,
+        vec![decision(image(A), image(B), 5432, T0 + 11 * S, 1)],
+    )
+    .await;
+    eventually("the next decision", || async {
+        let learned = modeler.learned(A, Side::Outbound, 5432).await;
+        (learned[0].count == 3).then_some(())
+    })
+    .await;
+    modeler.caught_up(&js).await;
+    let kinds: Vec<&str> = model_log(&js, A).await.iter().map(|(_, kind)| *kind).collect();
+    assert_eq!(kinds, ["created", "learned", "created", "learned"]);
+    assert_eq!(record(modeler.store.as_ref(), A).generation, 1);
+
+    // Two Created on the log, one model: a replay decides the same way.
+    let live = model_set(modeler.stop().await.as_ref());
+    let replay_dir = tempfile::tempdir().unwrap();
+    let mut options = clock.options();
+    options.durable_suffix = Some("replay".into());
+    let replay = Modeler::start(&server, open_store(replay_dir.path()), &[], options).await;
+    replay.caught_up(&js).await;
+    assert_eq!(model_set(replay.store.as_ref()), live, "the replay differs");
+    replay.stop().await;
+}
+
+/// The `cnnf_modeler_lock_timer_looks` counter of `modeler`.
+fn looks(modeler: &Modeler) -> u64 {
+    let metrics = modeler.health.encode_metrics();
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix("cnnf_modeler_lock_timer_looks_total "))
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Learning periods on tokio's paused time. The modeler (NATS client,
+/// runners, API) runs on an ordinary runtime; its clock and its lock timer
+/// follow a second runtime whose time is paused (`RunOptions::paced_by`),
+/// which only `advance` below moves. Each step waits until the timer has
+/// looked at the new time, so "not yet locked" is checked after a look at
+/// exactly that instant, not after some wall-clock delay.
+#[test]
+fn on_paused_time_a_model_locks_exactly_at_the_end_of_its_period_and_an_extension_moves_it() {
+    let real = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let paused = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .unwrap();
+    let options = RunOptions::paced_by(paused.handle().clone(), T0);
+    assert_eq!(
+        options.timer_interval, None,
+        "the production pace: one look a second at most"
+    );
+    let now = options.clone();
+    let server = real.block_on(NatsServer::start());
+    let js = real.block_on(connect(&server));
+    let dir = tempfile::tempdir().unwrap();
+    let modeler = real.block_on(Modeler::start(&server, open_store(dir.path()), &[], options));
+    const C: &str = "sha256:cccc";
+
+    real.block_on(async {
+        start_workload(&js, "a1", A, T0).await;
+        start_workload(&js, "c1", C, T0 + 10 * S).await;
+        modeler.model_where("model A", A, |m| m.state == LEARNING).await;
+        decisions(
+            &js,
+            "1",
+            T0 + S,
+            vec![decision(image(A), network_object("payments"), 443, T0 + S, 1)],
+        )
+        .await;
+        modeler.model_where("A learned", A, |m| m.outbound_count == 1).await;
+        modeler
+            .model_where("model C", C, |m| m.learning_ends_unix_nanos == T0 + 110 * S)
+            .await;
+        eventually("the first look", || async { (looks(&modeler) >= 1).then_some(()) }).await;
+    });
+    // Moves paused time by `by`, then waits until the timer looked once at
+    // the new time and everything it published is applied.
+    let step = |by: Duration| {
+        let before = looks(&modeler);
+        paused.block_on(tokio::time::advance(by));
+        real.block_on(async {
+            eventually("a look of the timer", || async {
+                (looks(&modeler) > before).then_some(())
+            })
+            .await;
+            modeler.caught_up(&js).await;
+        });
+        assert_eq!(looks(&modeler), before + 1, "the timer looked while time stood still");
+    };
+    let state = |image: &str| real.block_on(modeler.model(image)).unwrap().state;
+
+    // At 50 s the operator extends C by 50 s: from its end at 110 s to 160 s.
+    step(Duration::from_secs(50));
+    assert_eq!(now.now(), T0 + 50 * S);
+    real.block_on(async {
+        modeler
+            .command(C, model_command::Command::ExtendBySeconds(50))
+            .await
+            .unwrap();
+        modeler
+            .model_where("C extended", C, |m| m.learning_ends_unix_nanos == T0 + 160 * S)
+            .await;
+    });
+
+    // One nanosecond before A's end: a look, and nothing locks.
+    step(Duration::from_secs(50) - Duration::from_nanos(1));
+    assert_eq!(now.now(), T0 + 100 * S - 1);
+    assert_eq!((state(A), state(C)), (LEARNING, LEARNING), "locked before the end");
+    // Exactly at the end: A locks, at that event time; C does not.
+    step(Duration::from_nanos(1));
+    real.block_on(modeler.model_where("A locked", A, |m| m.state == ENFORCING));
+    assert_eq!(record(modeler.store.as_ref(), A).locked_unix_nanos, T0 + 100 * S);
+    assert_eq!(state(C), LEARNING);
+
+    // C's old end passes: extended, it still learns.
+    step(Duration::from_secs(10));
+    assert_eq!(now.now(), T0 + 110 * S);
+    assert_eq!(state(C), LEARNING, "locked at the end the extension replaced");
+    step(Duration::from_secs(50) - Duration::from_nanos(1));
+    assert_eq!(state(C), LEARNING, "locked before the extended end");
+    step(Duration::from_nanos(1));
+    real.block_on(modeler.model_where("C locked", C, |m| m.state == ENFORCING));
+    assert_eq!(record(modeler.store.as_ref(), C).locked_unix_nanos, T0 + 160 * S);
+
+    let (log_a, log_c) = real.block_on(async { (model_log(&js, A).await, model_log(&js, C).await) });
+    let kinds = |log: &[(String, &'static str)]| log.iter().map(|(_, kind)| *kind).collect::<Vec<_>>();
+    assert_eq!(kinds(&log_a), ["created", "learned", "locked"]);
+    assert_eq!(kinds(&log_c), ["created", "extended", "locked"]);
+    assert_eq!((log_a[2].0.as_str(), log_c[1].0.as_str()), ("timer", "alice"));
+    real.block_on(modeler.stop());
+    drop(server);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuild_on_fresh_durables_after_commands_and_a_restart_is_byte_for_byte_the_live_model_set() {
+    const C: &str = "sha256:cccc";
+    const D: &str = "sha256:dddd";
+    let server = NatsServer::start().await;
+    let js = connect(&server).await;
+    let dir = tempfile::tempdir().unwrap();
+    let clock = TestClock::new(T0 + 10 * S);
+    let modeler = Modeler::start(&server, open_store(dir.path()), &[], clock.options()).await;
+
+    for (container, image_id) in [("a1", A), ("b1", B), ("c1", C)] {
+        start_workload(&js, container, image_id, T0).await;
+    }
+    for image_id in [A, B, C] {
+        modeler.model_where("a model", image_id, |m| m.state == LEARNING).await;
+    }
+    let traffic = |n: i64| {
+        vec![
+            decision(image(A), image(B), 5432, T0 + n * S, 1),
+            decision(image(B), image(C), 80, T0 + n * S, 1),
+            decision(
+                image(C),
+                network_object("internet"),
+                443 + u32::try_from(n).unwrap(),
+                T0 + n * S,
+                1,
+            ),
+            // D never starts a container here: its model comes from traffic.
+            decision(image(D), image(A), 8080, T0 + n * S, 1),
+        ]
+    };
+    for n in 1..=3 {
+        decisions(&js, &format!("live-{n}"), T0 + n * S, traffic(n)).await;
+    }
+    modeler.model_where("C learned", C, |m| m.outbound_count == 3).await;
+    modeler.caught_up(&js).await;
+
+    // Operator commands: lock A, extend B, relearn C, delete B's inbound connection from A.
+    modeler.command(A, model_command::Command::LockNow(true)).await.unwrap();
+    modeler
+        .command(B, model_command::Command::ExtendBySeconds(30))
+        .await
+        .unwrap();
+    modeler.command(C, model_command::Command::Relearn(true)).await.unwrap();
+    let from_a = modeler.learned(B, Side::Inbound, 5432).await;
+    modeler
+        .command(B, model_command::Command::DeleteConnection(from_a[0].clone()))
+        .await
+        .unwrap();
+    modeler.model_where("A locked", A, |m| m.state == ENFORCING).await;
+    modeler.model_where("B lost one", B, |m| m.inbound_count == 0).await;
+    modeler.model_where("C relearning", C, |m| m.outbound_count == 0).await;
+
+    // A restart in the middle of the stream: traffic while it is down.
+    let store = modeler.stop().await;
+    for n in 4..=6 {
+        decisions(&js, &format!("down-{n}"), T0 + n * S, traffic(n)).await;
+    }
+    stop_workload(&js, "c1", C, T0 + 6 * S).await;
+    let modeler = Modeler::start(&server, store, &[], clock.options()).await;
+    for n in 7..=8 {
+        decisions(&js, &format!("back-{n}"), T0 + n * S, traffic(n)).await;
+    }
+    modeler.model_where("C relearned", C, |m| m.outbound_count == 5).await;
+    modeler.caught_up(&js).await;
+    let live = model_set(modeler.store.as_ref());
+    let d = record(modeler.store.as_ref(), D);
+    assert_eq!((d.state, d.outbound_count), (LEARNING, 1));
+    assert_eq!(
+        modeler.learned(D, Side::Outbound, 8080).await[0].count,
+        8,
+        "lost or doubled"
+    );
+    let models_before = js
+        .get_stream(MODELS)
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .state
+        .last_sequence;
+    modeler.stop().await;
+
+    // A rebuild: fresh durables, an empty store, the whole log.
+    let rebuild_dir = tempfile::tempdir().unwrap();
+    let mut options = clock.options();
+    options.durable_suffix = Some("rebuild".into());
+    let rebuild = Modeler::start(&server, open_store(rebuild_dir.path()), &[], options).await;
+    rebuild.caught_up(&js).await;
+    let rebuilt = model_set(rebuild.store.as_ref());
+    let tables: std::collections::BTreeSet<&str> = rebuilt.iter().map(|(table, _)| *table).collect();
+    assert_eq!(
+        tables.len(),
+        MODEL_TABLES.len(),
+        "every model table has entries: {tables:?}"
+    );
+    assert_eq!(rebuilt.len(), live.len());
+    for (at, (rebuilt, live)) in rebuilt.iter().zip(&live).enumerate() {
+        assert_eq!(rebuilt, live, "entry {at} differs");
+    }
+    // The live durables were left alone; the rebuild's own are at the end.
+    assert!(applied_sequence(rebuild.store.as_ref(), MODELS_DURABLE).unwrap() == 0);
+    assert!(applied_sequence(rebuild.store.as_ref(), &format!("{MODELS_DURABLE}-rebuild")).unwrap() >= models_before);
+    let models_after = js
+        .get_stream(MODELS)
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .state
+        .last_sequence;
+    assert_eq!(models_after, models_before, "the rebuild stored new model events");
+    rebuild.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lists_are_paged_and_refuse_foreign_tokens() {
+    let server = NatsServer::start().await;
+    let js = connect(&server).await;
+    let dir = tempfile::tempdir().unwrap();
+    let clock = TestClock::new(T0);
+    let modeler = Modeler::start(&server, open_store(dir.path()), &[], clock.options()).await;
+    let images: Vec<String> = (1..=5).map(|n| format!("sha256:{n:04}")).collect();
+    for (n, image_id) in images.iter().enumerate() {
+        start_workload(&js, &format!("c{n}"), image_id, T0).await;
+    }
+    let ports: Vec<u32> = (1..=5).collect();
+    let traffic = ports
+        .iter()
+        .map(|port| decision(image(A), network_object("internet"), *port, T0 + S, 1))
+        .chain([decision(image(B), image(A), 9, T0 + S, 1)])
+        .collect();
+    decisions(&js, "1", T0 + S, traffic).await;
+    modeler.model_where("A learned", A, |m| m.outbound_count == 5).await;
+    modeler.model_where("A reached", A, |m| m.inbound_count == 1).await;
+    modeler.caught_up(&js).await;
+    let mut client = modeler.client().await;
+
+    // Models: 7 (five workloads, A and B from traffic) in pages of 3.
+    let mut listed = Vec::new();
+    let mut token = String::new();
+    let mut pages = 0;
+    loop {
+        let request = cnnf_proto::v1::ListModelsRequest {
+            page_size: 3,
+            page_token: token.clone(),
+        };
+        let page = client.list_models(request).await.unwrap().into_inner();
+        assert!(page.models.len() <= 3);
+        pages += 1;
+        listed.extend(page.models.into_iter().map(|model| model.image_id));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    let all = client
+        .list_models(cnnf_proto::v1::ListModelsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(all.next_page_token.is_empty());
+    let everything: Vec<String> = all.models.into_iter().map(|model| model.image_id).collect();
+    assert_eq!(everything.len(), 7);
+    assert_eq!((listed, pages), (everything, 3));
+
+    // Learned connections of A, outbound only, in pages of 2: 5 of its 6.
+    let mut ports_listed = Vec::new();
+    let mut token = String::new();
+    loop {
+        let request = ListLearnedConnectionsRequest {
+            image_id: A.into(),
+            side: Side::Outbound as i32,
+            page_size: 2,
+            page_token: token.clone(),
+            ..Default::default()
+        };
+        let page = client.list_learned_connections(request).await.unwrap().into_inner();
+        assert!(page.connections.len() <= 2);
+        ports_listed.extend(page.connections.iter().map(|connection| connection.port));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    assert_eq!(ports_listed, ports);
+
+    // A token of another image or of the other list, or made up: refused.
+    let request = ListLearnedConnectionsRequest {
+        image_id: A.into(),
+        page_size: 1,
+        ..Default::default()
+    };
+    let first = client.list_learned_connections(request).await.unwrap().into_inner();
+    assert!(!first.next_page_token.is_empty());
+    let bad_tokens = [
+        (B, first.next_page_token.clone()),
+        (A, "models:00".to_owned()),
+        (A, "learned:zz".to_owned()),
+        (A, "whatever".to_owned()),
+    ];
+    for (image_id, page_token) in bad_tokens {
+        let request = ListLearnedConnectionsRequest {
+            image_id: image_id.into(),
+            page_token: page_token.clone(),
+            ..Default::default()
+        };
+        let status = client.list_learned_connections(request).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{image_id} {page_token}");
+        assert!(status.message().contains("page_token"), "{status:?}");
+    }
+    let status = client
+        .list_models(cnnf_proto::v1::ListModelsRequest {
+            page_size: 0,
+            page_token: first.next_page_token,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
     modeler.stop().await;
 }

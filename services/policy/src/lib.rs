@@ -1,23 +1,78 @@
-//! The CNNF policy service: network objects, rules and modes; conflict detection; compiled verdict tables for the agents.
+//! The CNNF policy service: network objects, rules and modes; conflict
+//! detection; compiled verdict tables for the agents.
 //!
-//! A library with [`run`] so that tests and the all-in-one binary decide
-//! when it stops; `main.rs` is only the process around it. At this stage
-//! the service declares the streams, buckets and consumers it relies on
-//! and reports ready; its projection arrives with its own issue.
+//! ```text
+//! gRPC Policy.Apply / Import ─► checked at the caller's revision ─► conflicts (warnings)
+//!        │  publish with Nats-Expected-Last-Subject-Sequence (optimistic concurrency)
+//!        ▼
+//! cnnf.policy.<cluster>.<kind> ─► runner policy-policy ─► objects, rules, modes ──┐
+//! cnnf.model.<image>           ─► runner policy-models ─► models, learned ────────┤ marks (after commit)
+//! cnnf.workload.<cluster>.<n>  ─► runner policy-workloads ─► containers per node ─┤
+//!                                                                                   ▼
+//!                          compiler: one VerdictTable per affected node ─► KV cnnf-verdicts <cluster>.<node>
+//! ```
+//!
+//! - The log is the truth: a write is valid when it is checked, but it
+//!   takes effect when the policy runner applies it from `CNNF_POLICY`
+//!   (checking it again, so a bad event from elsewhere is dead-lettered).
+//! - Every write is based on a revision and refused if the policy moved
+//!   ([`api`]): no lost updates between operators.
+//! - The compiler ([`compile`], [`verdicts`]) recompiles only the nodes an
+//!   applied change affects, and only from committed state.
+//! - Export and import ([`document`]): JSON of schema `cnnf.policy/v1`
+//!   (docs/policy-json.md), and Kubernetes NetworkPolicy YAML of the
+//!   learned policy.
+//!
+//! Configuration (flags, or the environment), beside what every service
+//! takes (`CNNF_NATS_URL`, `CNNF_CLUSTER`, `CNNF_DATA_DIR`, ...):
+//!
+//! | flag | environment | default | |
+//! | --- | --- | --- | --- |
+//! | `--grpc-addr` | `CNNF_GRPC_ADDR` | 127.0.0.1:9203 | the `Policy` API |
+//!
+//! The store is RocksDB at `<data dir>/policy`. Counters are on `/metrics`
+//! as `cnnf_policy_{policy,models,workloads}_*` and `cnnf_policy_table*`.
 //!
 //! Must never depend on the node agent or on another service.
 
 #![forbid(unsafe_code)]
 
-use std::future::Future;
+pub mod api;
+pub mod compile;
+pub mod conflicts;
+pub mod document;
+pub mod policy;
+pub mod projection;
+pub mod service;
+pub mod store;
+pub mod verdicts;
 
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use cnnf_bus::runner::CommitHook;
+use cnnf_core::subjects::Token;
+use cnnf_proto::v1::policy_server::PolicyServer;
 use cnnf_service::{CommonConfig, Health};
+use cnnf_store::ProjectionStore;
+use cnnf_store_rocksdb::RocksStore;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+pub use service::{MODELS_DURABLE, POLICY_DURABLE, WORKLOADS_DURABLE};
+pub use store::TABLES;
 
 /// The service's name: NATS connection name, logs, metrics.
 pub const NAME: &str = "cnnf-policy";
 
 /// Default address of `/metrics` and `/ready`.
 pub const DEFAULT_HTTP_ADDR: &str = "127.0.0.1:9103";
+
+/// Default address of the `Policy` gRPC API.
+pub const DEFAULT_GRPC_ADDR: &str = "127.0.0.1:9203";
 
 /// Configuration of the policy service.
 #[derive(Debug, Clone, clap::Parser)]
@@ -30,15 +85,146 @@ pub struct Config {
     /// Settings every service shares.
     #[command(flatten)]
     pub common: CommonConfig,
+    /// Address of the Policy gRPC API.
+    #[arg(long, env = "CNNF_GRPC_ADDR", default_value = DEFAULT_GRPC_ADDR)]
+    pub grpc_addr: SocketAddr,
+}
+
+impl Config {
+    /// The defaults around `common` (for the all-in-one process).
+    pub fn new(common: CommonConfig) -> Self {
+        Self {
+            common,
+            grpc_addr: SocketAddr::from(([127, 0, 0, 1], 9203)),
+        }
+    }
+
+    /// Where the RocksDB store lives: `<data dir>/policy`.
+    pub fn store_path(&self) -> PathBuf {
+        self.common.data_dir.join("policy")
+    }
+}
+
+/// Settings tests use; production leaves them at their defaults.
+#[derive(Clone, Default)]
+pub struct RunOptions {
+    /// Called by the policy runner after each commit, before the ack: a
+    /// failpoint where a crash hurts most.
+    pub policy_after_commit: Option<CommitHook>,
+}
+
+/// Now, Unix nanoseconds.
+pub fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|elapsed| i64::try_from(elapsed.as_nanos()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// Opens the policy store at `path` (creating it).
+pub fn open_store(path: &std::path::Path) -> anyhow::Result<RocksStore> {
+    std::fs::create_dir_all(path).with_context(|| format!("creating {}", path.display()))?;
+    RocksStore::open(path, TABLES).with_context(|| format!("opening the policy store at {}", path.display()))
 }
 
 /// Runs the service until `shutdown` completes.
 pub async fn run(config: Config, health: Health, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let path = config.store_path();
+    let store = tokio::task::spawn_blocking(move || open_store(&path)).await??;
+    run_with_store(config, Arc::new(store), health, RunOptions::default(), shutdown).await
+}
+
+/// Runs the service on an open store until `shutdown` completes: the
+/// runners, the verdict writer and the gRPC API.
+pub async fn run_with_store(
+    config: Config,
+    store: Arc<dyn ProjectionStore>,
+    health: Health,
+    options: RunOptions,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
     let ready = health.component(NAME);
-    let _js = cnnf_service::connect_and_ensure(NAME, &config.common).await?;
+    let cluster = Token::new("cluster", &config.common.cluster)?;
+    let js = cnnf_service::connect_and_ensure(NAME, &config.common).await?;
+    let listener = tokio::net::TcpListener::bind(config.grpc_addr)
+        .await
+        .with_context(|| format!("binding the gRPC API on {}", config.grpc_addr))?;
+    let metrics: [cnnf_bus::runner::RunnerMetrics; 3] = Default::default();
+    let writer = verdicts::WriterMetrics::default();
+    health.register(|registry| {
+        for (runner, prefix) in
+            metrics
+                .iter()
+                .zip(["cnnf_policy_policy", "cnnf_policy_models", "cnnf_policy_workloads"])
+        {
+            runner.register(registry, prefix);
+        }
+        writer.register(registry);
+    });
+    let shared = Arc::new(service::Shared {
+        js: js.clone(),
+        store: Arc::clone(&store),
+        cluster: cluster.clone(),
+        dirty: Arc::default(),
+        metrics,
+        writer,
+        policy_after_commit: options.policy_after_commit,
+    });
+    let api = api::PolicyApi::new(Arc::clone(&store), js, cluster);
+
+    let (stop, stopping) = watch::channel(false);
+    let mut tasks = JoinSet::new();
+    tasks.spawn(serve_api(listener, api, stopping.clone()));
+    tasks.spawn(service::runners(Arc::clone(&shared), stopping.clone()));
+    tasks.spawn(service::verdict_writer(shared, stopping));
     ready.set(true);
-    tracing::info!(message = "Service ready.", service = NAME, cluster = %config.common.cluster);
-    shutdown.await;
+    tracing::info!(
+        message = "Service started.",
+        service = NAME,
+        cluster = %config.common.cluster,
+        grpc_addr = %config.grpc_addr
+    );
+    let result = cnnf_service::run_parts(tasks, stop, shutdown).await;
     tracing::info!(message = "Service stopped.", service = NAME);
-    Ok(())
+    result
+}
+
+async fn serve_api(
+    listener: tokio::net::TcpListener,
+    api: api::PolicyApi,
+    stop: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let addr = listener.local_addr()?;
+    tracing::info!(message = "Serving the Policy gRPC API.", %addr);
+    tonic::transport::Server::builder()
+        .add_service(PolicyServer::new(api).max_decoding_message_size(8 * 1024 * 1024))
+        .serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(listener),
+            service::stopped(stop),
+        )
+        .await
+        .with_context(|| format!("serving gRPC on {addr}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::*;
+
+    #[test]
+    fn defaults_match_the_all_in_one_constructor() {
+        let parsed = Config::try_parse_from(["cnnf-policy"]).unwrap();
+        let built = Config::new(parsed.common.clone());
+        assert_eq!(parsed.grpc_addr, built.grpc_addr);
+        assert_eq!(parsed.grpc_addr.to_string(), DEFAULT_GRPC_ADDR);
+    }
+
+    #[test]
+    fn a_bad_grpc_address_is_refused_with_its_flag() {
+        let error = Config::try_parse_from(["cnnf-policy", "--grpc-addr=somewhere"])
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("--grpc-addr"), "{error}");
+    }
 }

@@ -33,6 +33,8 @@
 
 pub mod compiled;
 pub mod reference;
+#[cfg(test)]
+mod tests;
 
 use std::net::IpAddr;
 

@@ -257,9 +257,12 @@ pub fn parse_cidr(text: &str) -> Option<IpNet> {
         .map(|net| net.trunc())
 }
 
-/// A rule's effect; unknown values read as unspecified.
+/// A rule's or a destination's effect. An unknown value (from a newer
+/// schema) reads as alert: a destination a newer policy meant to restrict
+/// must not become an allowed one here, and a rule's unknown fallback
+/// alerts as before.
 pub(crate) fn effect_of(effect: i32) -> proto::RuleEffect {
-    proto::RuleEffect::try_from(effect).unwrap_or(proto::RuleEffect::Unspecified)
+    proto::RuleEffect::try_from(effect).unwrap_or(proto::RuleEffect::Alert)
 }
 
 /// The verdict of an effect; an unspecified rule effect alerts.
