@@ -18,6 +18,8 @@
 
 pub mod nats;
 pub mod netns;
+pub mod wait;
 
 pub use nats::{NatsCluster, NatsServer};
 pub use netns::{ChildGuard, FakeContainer, Lab, TcpServerGuard};
+pub use wait::eventually;
