@@ -15,7 +15,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use cnnf_core::eval::{effective_mode, Connection, Scope};
+use cnnf_core::eval::{Connection, Scope};
 use cnnf_core::proto::Protocol;
 
 use crate::decisions::{DecisionRecord, Ring};
@@ -86,12 +86,7 @@ impl Engine {
             scope,
         };
         let decision = table.compiled.decide(&connection);
-        let policy = table.compiled.table();
-        let mode = effective_mode(if connection.is_host_traffic() {
-            policy.host_mode
-        } else {
-            policy.mode
-        });
+        let mode = table.compiled.mode_for(&connection);
         let drops = decision.drops();
         let verdict = decision.verdict;
         self.metrics.verdict(verdict);

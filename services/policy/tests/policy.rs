@@ -119,11 +119,17 @@ impl Service {
     }
 
     /// Applies `change` at the current revision, retrying on conflicts.
+    /// Applies `change` at the current revision (retrying on a conflict)
+    /// and waits until the service reads its own write.
     async fn apply(&self, change: policy_event::Change) -> Result<PolicyCommandResult, tonic::Status> {
         loop {
             let revision = self.snapshot().await.revision;
             match self.apply_at(revision, change.clone()).await {
                 Err(status) if status.code() == tonic::Code::Aborted => continue,
+                Ok(result) => {
+                    self.at(result.revision).await;
+                    return Ok(result);
+                }
                 other => return other,
             }
         }
@@ -845,14 +851,12 @@ async fn export_import_export_is_byte_identical() {
 
     // A single rule travels the same way.
     let one = first.export("r-web", "json").await;
-    let deleted = second
+    second
         .apply(policy_event::Change::RuleDeleted(policy_event::RuleDeleted {
             id: "r-web".into(),
         }))
         .await
         .unwrap();
-    // The import names the revision it read: wait until the deletion is it.
-    second.at(deleted.revision).await;
     let result = second.import(&one).await.unwrap();
     second.at(result.revision).await;
     assert_eq!(second.export("r-web", "json").await, one);

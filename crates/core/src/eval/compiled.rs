@@ -608,13 +608,19 @@ impl CompiledTable {
             + self.learned.heap_bytes()
     }
 
-    /// Decides `connection`; identical to [`reference::decide`].
-    pub fn decide(&self, connection: &Connection<'_>) -> Decision<'_> {
-        let mode = if connection.is_host_traffic() {
+    /// The mode in force for `connection`: the host mode for host traffic,
+    /// else the container mode, unset read as disabled.
+    pub fn mode_for(&self, connection: &Connection<'_>) -> proto::Mode {
+        if connection.is_host_traffic() {
             self.host_mode
         } else {
             self.mode
-        };
+        }
+    }
+
+    /// Decides `connection`; identical to [`reference::decide`].
+    pub fn decide(&self, connection: &Connection<'_>) -> Decision<'_> {
+        let mode = self.mode_for(connection);
         if mode == proto::Mode::Disabled {
             return Decision {
                 verdict: proto::Verdict::Observe,
