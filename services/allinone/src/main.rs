@@ -2,8 +2,15 @@
 //! operator gateway in one process, sharing one configuration and one `/metrics` + `/ready`
 //! endpoint. Meant for a single node and the demo; a fleet runs the
 //! services as separate processes that scale out independently.
+//!
+//! Each service listens on the address the gateway is told to reach it at
+//! (`--ingest-addr`, `--modeler-addr`, `--policy-addr`, `--audit-addr`), so
+//! one set of flags places them and the gateway cannot disagree with them.
 
 use std::future::Future;
+use std::net::SocketAddr;
+
+use anyhow::Context;
 
 use cnnf_service::{CommonConfig, Health};
 use futures::FutureExt;
@@ -29,24 +36,44 @@ async fn run(config: Config, health: Health, shutdown: impl Future<Output = ()>)
         common.data_dir = common.data_dir.join(service);
         common
     };
+    let listen = |flag: &str, addr: &str| -> anyhow::Result<SocketAddr> {
+        addr.parse()
+            .with_context(|| format!("--{flag} {addr:?}: the all-in-one listens there, so it must be an IP:port"))
+    };
+    let ingest = cnnf_ingest::Config {
+        grpc_addr: listen("ingest-addr", &config.gateway.ingest_addr)?,
+        ..cnnf_ingest::Config::new(with_data("ingest"))
+    };
+    let modeler = cnnf_modeler::Config {
+        grpc_addr: listen("modeler-addr", &config.gateway.modeler_addr)?,
+        ..cnnf_modeler::Config::new(with_data("modeler"))
+    };
+    let policy = cnnf_policy::Config {
+        grpc_addr: listen("policy-addr", &config.gateway.policy_addr)?,
+        ..cnnf_policy::Config::new(with_data("policy"))
+    };
+    let audit = cnnf_audit::Config {
+        grpc_addr: listen("audit-addr", &config.gateway.audit_addr)?,
+        ..cnnf_audit::Config::new(with_data("audit"))
+    };
     tokio::try_join!(
         cnnf_ingest::run(
-            cnnf_ingest::Config::new(with_data("ingest")),
+            ingest,
             health.clone(),
             shutdown.clone()
         ),
         cnnf_modeler::run(
-            cnnf_modeler::Config::new(with_data("modeler")),
+            modeler,
             health.clone(),
             shutdown.clone()
         ),
         cnnf_policy::run(
-            cnnf_policy::Config::new(with_data("policy")),
+            policy,
             health.clone(),
             shutdown.clone()
         ),
         cnnf_audit::run(
-            cnnf_audit::Config::new(with_data("audit")),
+            audit,
             health.clone(),
             shutdown.clone()
         ),
