@@ -1,49 +1,104 @@
 #!/usr/bin/env bash
-# Installs what a fresh machine lacks, builds CNNF, and runs a single-node
-# system on the embedded defaults: nats-server (deploy/nats/single-node.conf),
-# the all-in-one services binary, and a demo workload published into it.
-# State goes to ./.cnnf (delete it to start over). Ctrl-C stops everything.
+# The README's first command. Installs what a fresh machine lacks, builds
+# CNNF and the Radar page, and brings up a protected demo on this node:
+# nats-server (deploy/nats/single-node.conf), every service and the operator
+# gateway (cnnf-allinone), the node agent enforcing through iptables and
+# NFQUEUE, and the storefront demo in network namespaces (cnnf-demo up):
+# its traffic is learned, the models locked, the cluster switched to
+# prevent, and an attacker in the front end is blocked, audited and raises
+# an incident. Everything keeps running afterwards; scripts/down.sh stops it
+# and removes every namespace, chain and process it made.
+#
+# Needs root (namespaces, iptables, NFQUEUE). State goes to ./.cnnf.
+# Options: --small (a shorter scan, for slow machines and CI).
 . "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 ensure_all
 cd "$CNNF_ROOT"
 
-say "building (the first build compiles RocksDB: about 15 minutes on 2 cores)"
-cargo build --release --locked -p cnnf-allinone -p cnnf-cli -p cnnf-agent
-BIN="$CARGO_TARGET_DIR/release"
-STATE="$CNNF_ROOT/.cnnf"
-mkdir -p "$STATE/nats" "$STATE/services"
+scan_ports="1-1024,3306,5672,8079,27017"
+for arg in "$@"; do
+  case "$arg" in
+    --small) scan_ports="1-40,80,3306,5672,8079,27017" ;;
+    -h | --help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) say "unknown option $arg (try --help)"; exit 64 ;;
+  esac
+done
+[ "$(id -u)" = 0 ] || { say "run as root: the agent and the demo need namespaces, iptables and NFQUEUE"; exit 1; }
 
-pids=()
-cleanup() {
-  say "stopping"
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  wait 2>/dev/null || true
+STATE="$CNNF_ROOT/.cnnf"
+PIDS="$STATE/pids"
+for name in nats allinone agent; do
+  if [ -f "$PIDS/$name" ] && kill -0 "$(cat "$PIDS/$name")" 2>/dev/null; then
+    say "CNNF is already running ($name, pid $(cat "$PIDS/$name")): run scripts/down.sh first"
+    exit 1
+  fi
+done
+
+say "building (the first build compiles RocksDB: about 15 minutes on 2 cores)"
+cargo build --release --locked -p cnnf-allinone -p cnnf-agent -p cnnf-demo -p cnnf-ctl -p cnnf-cli
+BIN="$CARGO_TARGET_DIR/release"
+mkdir -p "$STATE/nats" "$STATE/services" "$STATE/agent" "$STATE/demo" "$PIDS" "$STATE/logs"
+
+# Operator tokens: the gateway's tokens file keeps only their SHA-256.
+if [ ! -f "$STATE/tokens.json" ]; then
+  umask 077
+  admin=$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')
+  viewer=$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')
+  printf %s "$admin" >"$STATE/admin.token"
+  printf %s "$viewer" >"$STATE/viewer.token"
+  printf '{"tokens": {"%s": {"name": "demo-admin", "role": "admin"}, "%s": {"name": "demo-viewer", "role": "viewer"}}}\n' \
+    "$(printf %s "$admin" | sha256sum | cut -d' ' -f1)" "$(printf %s "$viewer" | sha256sum | cut -d' ' -f1)" >"$STATE/tokens.json"
+  umask 022
+fi
+admin=$(cat "$STATE/admin.token")
+viewer=$(cat "$STATE/viewer.token")
+
+# Starts a program detached from this shell, logging to .cnnf/logs/<name>.log.
+start() {
+  local name=$1
+  shift
+  setsid "$@" >"$STATE/logs/$name.log" 2>&1 </dev/null &
+  echo $! >"$PIDS/$name"
 }
-trap cleanup EXIT INT TERM
+wait_http() {
+  local url=$1 what=$2
+  for _ in $(seq 150); do curl -sf "$url" >/dev/null && return 0; sleep 0.2; done
+  say "$what did not come up; its log:"
+  tail -20 "$STATE/logs/$3.log" >&2
+  exit 1
+}
 
 # Demo passwords for the users in single-node.conf; set your own outside a demo.
 export CNNF_NATS_SERVICES_PASSWORD=${CNNF_NATS_SERVICES_PASSWORD:-demo-services}
 export CNNF_NATS_AGENT_NODE1_PASSWORD=${CNNF_NATS_AGENT_NODE1_PASSWORD:-demo-agent}
 say "starting nats-server on 127.0.0.1:4222 (store in .cnnf/nats)"
-(cd "$STATE/nats" && exec "$CNNF_NATS_SERVER" -c "$CNNF_ROOT/deploy/nats/single-node.conf") >"$STATE/nats.log" 2>&1 &
-pids+=($!)
-for _ in $(seq 50); do curl -sf http://127.0.0.1:8222/healthz >/dev/null && break; sleep 0.2; done
-curl -sf http://127.0.0.1:8222/healthz >/dev/null || { cat "$STATE/nats.log"; exit 1; }
+(cd "$STATE/nats" && start nats "$CNNF_NATS_SERVER" -c "$CNNF_ROOT/deploy/nats/single-node.conf")
+wait_http http://127.0.0.1:8222/healthz nats-server nats
 
-say "starting cnnf-allinone (metrics and readiness on http://127.0.0.1:9105)"
-CNNF_DATA_DIR="$STATE/services" CNNF_HTTP_ADDR=127.0.0.1:9105 "$BIN/cnnf-allinone" &
-pids+=($!)
-for _ in $(seq 100); do curl -sf http://127.0.0.1:9105/ready >/dev/null && break; sleep 0.2; done
-curl -sf http://127.0.0.1:9105/ready >/dev/null || { say "services did not become ready"; exit 1; }
+say "starting cnnf-allinone: every service and the operator gateway on 127.0.0.1:9443"
+CNNF_DATA_DIR="$STATE/services" CNNF_HTTP_ADDR=127.0.0.1:9105 \
+  CNNF_GATEWAY_TOKENS_FILE="$STATE/tokens.json" CNNF_GATEWAY_STATIC_DIR="$CNNF_ROOT/web/radar/dist" \
+  start allinone "$BIN/cnnf-allinone"
+wait_http http://127.0.0.1:9105/ready cnnf-allinone allinone
 
-say "starting a node agent for node demo-node-1 (heartbeats and workloads; enforcement off in this demo)"
-mkdir -p "$STATE/agent"
-CNNF_NODE=demo-node-1 CNNF_HTTP_ADDR=127.0.0.1:9100 "$BIN/cnnf-agent" --no-dataplane --data-dir "$STATE/agent" &
-pids+=($!)
+say "starting the node agent (node demo-node-1), enforcing through iptables and NFQUEUE"
+inventory="$STATE/demo/inventory.json"
+[ -f "$inventory" ] || echo '{"workloads": []}' >"$inventory"
+CNNF_NODE=demo-node-1 CNNF_HTTP_ADDR=127.0.0.1:9100 \
+  start agent "$BIN/cnnf-agent" --data-dir "$STATE/agent" --workloads "inventory:$inventory"
+wait_http http://127.0.0.1:9100/ready cnnf-agent agent
 
-say "publishing the demo workload"
-"$BIN/cnnf" demo
-sleep 1
-"$BIN/cnnf" status
-say "running: try '$BIN/cnnf status', '$BIN/cnnf dlq', curl 127.0.0.1:9105/metrics; Ctrl-C stops"
-wait
+say "running the storefront demo"
+status=0
+"$BIN/cnnf-demo" up --token "$admin" --inventory "$inventory" --state-dir "$STATE/demo" \
+  --scan-ports "$scan_ports" || status=$?
+
+cat >&2 <<MSG
+
+==> Radar:    http://127.0.0.1:9443/#token=$admin
+    (read-only: http://127.0.0.1:9443/#token=$viewer)
+==> cnnfctl:  export CNNFCTL_TOKEN=\$(cat .cnnf/admin.token); $BIN/cnnfctl audits list
+==> logs:     .cnnf/logs/   report: .cnnf/demo/report.json
+==> stop:     scripts/down.sh   (removes every namespace, chain and process this started)
+MSG
+exit "$status"
