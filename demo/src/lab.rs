@@ -76,7 +76,10 @@ impl Lab {
         enable_bridge_netfilter()?;
         let bridge = self.bridge();
         run("ip", &["link", "add", "name", &bridge, "type", "bridge"])?;
-        run("ip", &["addr", "add", &format!("{}/24", self.gateway()), "dev", &bridge])?;
+        run(
+            "ip",
+            &["addr", "add", &format!("{}/24", self.gateway()), "dev", &bridge],
+        )?;
         run("ip", &["link", "set", &bridge, "up"])?;
         for (index, service) in SERVICES.iter().enumerate() {
             let namespace = self.namespace(service);
@@ -95,7 +98,15 @@ impl Lab {
             run("ip", &["-n", &namespace, "link", "set", "eth0", "up"])?;
             run(
                 "ip",
-                &["-n", &namespace, "route", "add", "default", "via", &self.gateway().to_string()],
+                &[
+                    "-n",
+                    &namespace,
+                    "route",
+                    "add",
+                    "default",
+                    "via",
+                    &self.gateway().to_string(),
+                ],
             )?;
         }
         Ok(())

@@ -21,7 +21,11 @@ use clap::{Parser, Subcommand};
 use cnnf_demo::{lab, scenario, traffic};
 
 #[derive(Debug, Parser)]
-#[command(name = "cnnf-demo", version, about = "The CNNF storefront demo: learn, lock, enforce, attack")]
+#[command(
+    name = "cnnf-demo",
+    version,
+    about = "The CNNF storefront demo: learn, lock, enforce, attack"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -65,7 +69,11 @@ enum Command {
         #[arg(long, env = "CNNF_NODE", default_value = "demo-node-1")]
         node: String,
         /// The agent's metrics endpoint.
-        #[arg(long, env = "CNNF_DEMO_AGENT_METRICS", default_value = "http://127.0.0.1:9100/metrics")]
+        #[arg(
+            long,
+            env = "CNNF_DEMO_AGENT_METRICS",
+            default_value = "http://127.0.0.1:9100/metrics"
+        )]
         agent_metrics: String,
         /// Milliseconds between two rounds of each container's normal traffic.
         #[arg(long, default_value_t = 500)]
@@ -170,7 +178,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if pids.exists() {
                 std::fs::remove_file(&pids)?;
             }
-            println!("==> the storefront is gone: no namespace, interface or process of prefix {}", lab.prefix);
+            println!(
+                "==> the storefront is gone: no namespace, interface or process of prefix {}",
+                lab.prefix
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Serve { port, name } => {

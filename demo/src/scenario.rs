@@ -206,7 +206,10 @@ pub fn start_processes(settings: &Settings) -> anyhow::Result<()> {
         if targets.is_empty() {
             continue;
         }
-        let to: Vec<String> = targets.iter().map(|target| address(settings, target).to_string()).collect();
+        let to: Vec<String> = targets
+            .iter()
+            .map(|target| address(settings, target).to_string())
+            .collect();
         spawn(
             service,
             "traffic",
@@ -258,7 +261,10 @@ where
         }
         if started.elapsed() > settings.step_timeout {
             match last_error {
-                Some(error) => bail!("gave up after {:?} waiting for {what}: {error:#}", settings.step_timeout),
+                Some(error) => bail!(
+                    "gave up after {:?} waiting for {what}: {error:#}",
+                    settings.step_timeout
+                ),
                 None => bail!("gave up after {:?} waiting for {what}", settings.step_timeout),
             }
         }
@@ -457,7 +463,10 @@ async fn http_get(url: &str) -> anyhow::Result<String> {
         .await?;
     let mut response = String::new();
     stream.read_to_string(&mut response).await?;
-    Ok(response.split_once("\r\n\r\n").map(|(_, body)| body.to_owned()).unwrap_or_default())
+    Ok(response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default())
 }
 
 /// Runs `cnnf-demo probe` inside `from`'s namespace.
@@ -547,7 +556,10 @@ async fn attack(settings: &Settings, clients: &mut Clients, nats: &async_nats::C
         .output()
         .context("running nmap (install the nmap package)")?;
     let scan_text = String::from_utf8_lossy(&scan.stdout);
-    let open_ports = scan_text.lines().filter(|line| line.contains("/tcp") && line.contains(" open ")).count();
+    let open_ports = scan_text
+        .lines()
+        .filter(|line| line.contains("/tcp") && line.contains(" open "))
+        .count();
     checks.push(Check {
         what: "nmap scan from the front end".into(),
         expected: "only the front end's learned peers answer".into(),
@@ -598,7 +610,13 @@ async fn attack(settings: &Settings, clients: &mut Clients, nats: &async_nats::C
     })
     .await;
     let (audit_count, audit_seen) = match &audits {
-        Ok(all) => (all.len(), format!("{} prevent audits from {COMPROMISED}, the database one among them", all.len())),
+        Ok(all) => (
+            all.len(),
+            format!(
+                "{} prevent audits from {COMPROMISED}, the database one among them",
+                all.len()
+            ),
+        ),
         Err(error) => (0, format!("{error:#}")),
     };
     checks.push(Check {
@@ -612,7 +630,9 @@ async fn attack(settings: &Settings, clients: &mut Clients, nats: &async_nats::C
     let deadline = Instant::now() + settings.step_timeout;
     let mut scan_incidents = 0usize;
     while let Ok(Some(message)) = tokio::time::timeout_at(deadline.into(), incidents.next()).await {
-        let Ok(envelope) = Envelope::decode(message.payload) else { continue };
+        let Ok(envelope) = Envelope::decode(message.payload) else {
+            continue;
+        };
         if let Some(Payload::Incident(incident)) = envelope.payload {
             if incident.kind == incident::Kind::PortScan as i32 && incident.image_id == attacker_image {
                 scan_incidents += 1;
@@ -661,7 +681,10 @@ fn describe(result: &ProbeResult) -> String {
 pub async fn up(settings: &Settings) -> anyhow::Result<Report> {
     std::fs::create_dir_all(&settings.state_dir)
         .with_context(|| format!("creating {}", settings.state_dir.display()))?;
-    say(format!("creating the storefront: {} containers in network namespaces", SERVICES.len()));
+    say(format!(
+        "creating the storefront: {} containers in network namespaces",
+        SERVICES.len()
+    ));
     settings.lab.create()?;
     write_inventory(settings)?;
     start_processes(settings)?;
@@ -675,7 +698,8 @@ pub async fn up(settings: &Settings) -> anyhow::Result<Report> {
     let mut report = attack(settings, &mut clients, &nats).await?;
     report.table_version = version;
     let path = settings.state_dir.join("report.json");
-    std::fs::write(&path, serde_json::to_vec_pretty(&report)?).with_context(|| format!("writing {}", path.display()))?;
+    std::fs::write(&path, serde_json::to_vec_pretty(&report)?)
+        .with_context(|| format!("writing {}", path.display()))?;
     Ok(report)
 }
 

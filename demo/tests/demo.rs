@@ -25,7 +25,10 @@ const CHAIN_PREFIX: &str = "CNDEMO";
 const NODE: &str = "demo-test-node";
 
 fn free_addr() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
 }
 
 fn chains_left() -> Vec<String> {
@@ -176,15 +179,25 @@ async fn the_demo_blocks_audits_and_reports_the_attacker_and_the_stop_command_le
     assert!(up.status.success(), "cnnf-demo up failed: {:?}", up.status);
     let report: Report = serde_json::from_slice(&std::fs::read(state.join("report.json")).unwrap()).unwrap();
     for check in &report.checks {
-        assert!(check.passed, "{} expected {} but saw {}", check.what, check.expected, check.observed);
+        assert!(
+            check.passed,
+            "{} expected {} but saw {}",
+            check.what, check.expected, check.observed
+        );
     }
     let names: Vec<&str> = report.checks.iter().map(|check| check.what.as_str()).collect();
     assert_eq!(names.len(), 5, "{names:?}");
-    assert!(names.iter().any(|name| name.contains("orders-db:27017 (never learned)")));
+    assert!(names
+        .iter()
+        .any(|name| name.contains("orders-db:27017 (never learned)")));
     assert_eq!(report.incidents, 1, "one scan, one incident");
     // The scan probed 45 ports on 11 addresses; aggregation after the
     // incident keeps the audits fewer than the probes.
-    assert!(report.audits >= 1 && report.audits < 45 * 11, "{} audits", report.audits);
+    assert!(
+        report.audits >= 1 && report.audits < 45 * 11,
+        "{} audits",
+        report.audits
+    );
     assert!(report.table_version > 0);
 
     assert!(down.status.success(), "{}", String::from_utf8_lossy(&down.stderr));
