@@ -82,8 +82,45 @@ ensure_rust() {
   (cd "$CNNF_ROOT" && rustup show active-toolchain >/dev/null 2>&1 || rustup toolchain install)
 }
 
+# The Radar page (web/radar): Node.js 20.19+ and npm build it with vite
+# into web/radar/dist (served by the gateway with --static-dir); Debian's
+# chromium runs its browser test, driven by playwright-core (which never
+# downloads a browser of its own). Reinstalls the npm packages only when
+# package-lock.json changed, rebuilds only when a source changed.
+ensure_web() {
+  local web="$CNNF_ROOT/web/radar"
+  if [ ! -x /usr/bin/chromium ]; then
+    say "installing Debian's chromium (the Radar page's browser test)"
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  fi
+  if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+    say "installing Node.js and npm"
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null
+  fi
+  if ! node -e 'const [a, b] = process.versions.node.split(".").map(Number); process.exit(a > 20 || (a === 20 && b >= 19) ? 0 : 1)'; then
+    say "Node.js $(node --version) is too old for the Radar page's build: vite 7 needs 20.19 or newer"
+    return 1
+  fi
+  if [ ! -f "$web/node_modules/.package-lock.json" ] || [ "$web/package-lock.json" -nt "$web/node_modules/.package-lock.json" ]; then
+    say "installing the Radar page's npm packages (npm ci)"
+    # npm ci refuses a lock that lacks optional packages for other platforms
+    # (rollup's native builds), which a registry mirror may not serve; then
+    # install the same locked versions without rewriting the lock.
+    (cd "$web" && { npm ci --no-audit --no-fund --loglevel=silent 2>/dev/null ||
+      npm install --no-save --no-audit --no-fund --loglevel=error; })
+  fi
+  if [ ! -f "$web/dist/index.html" ] ||
+    [ -n "$(find "$web/src" "$web/index.html" "$web/vite.config.js" "$web/package-lock.json" -newer "$web/dist/index.html" 2>/dev/null | head -1)" ]; then
+    say "building the Radar page (npm run build -> web/radar/dist)"
+    (cd "$web" && npm run build --silent >/dev/null)
+  fi
+}
+
 ensure_all() {
   ensure_packages
   ensure_nats_server
   ensure_rust
+  ensure_web
 }

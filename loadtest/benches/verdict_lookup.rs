@@ -15,7 +15,9 @@
 //! index's estimated heap size, the resident-memory growth of building the
 //! table and of building the index, a per-decision p50/p99/p99.9 timed one
 //! decision at a time (timer cost shown beside it), and the ratio to the
-//! baseline over the same mix.
+//! baseline over the same mix. Every figure of `decide` is also taken for
+//! `decide_interned`, the agent's path, with each identity interned once
+//! per table as the agent's peers cache it.
 
 #![allow(missing_docs)] // criterion_group! generates an undocumented public fn.
 
@@ -24,7 +26,7 @@ use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, Instant};
 
-use cnnf_core::eval::{CompiledTable, Connection, Decision, Identity, Scope};
+use cnnf_core::eval::{CompiledTable, Connection, Decision, Identity, InternedIdentity, Scope};
 use cnnf_core::proto::{
     self, network_object::Kind, CompiledModel, LearnedConnection, NetworkObject, PortRange, Rule, RuleDestination,
     VerdictTable,
@@ -288,6 +290,24 @@ fn verdict_lookup(c: &mut Criterion) {
             .map(|(_, (source, destination, _, port))| (*source, *destination, *port))
             .collect();
         check_mix(&compiled, &specs, &connections);
+        // The agent's path: every identity interned once per table.
+        let started = Instant::now();
+        let interned: Vec<InternedIdentity> = identities.iter().map(|identity| compiled.intern(identity)).collect();
+        println!(
+            "{rule_count:>5} rules: {} identities interned in {:.2?}",
+            interned.len(),
+            started.elapsed()
+        );
+        let ends: Vec<(&InternedIdentity, &InternedIdentity)> = specs
+            .iter()
+            .map(|(_, (source, destination, _, _))| (&interned[*source as usize], &interned[*destination as usize]))
+            .collect();
+        for (connection, (source, destination)) in connections.iter().zip(&ends) {
+            assert_eq!(
+                compiled.decide_interned(connection, source, destination),
+                compiled.decide(connection)
+            );
+        }
 
         let mut group = c.benchmark_group(format!("verdict lookup, {rule_count} rules"));
         group.bench_function("baseline: HashMap<(u32,u32,u16),u8>", |b| {
@@ -302,6 +322,16 @@ fn verdict_lookup(c: &mut Criterion) {
             b.iter(|| {
                 n = (n + 1) % MIX;
                 compiled.decide(black_box(&connections[n])).verdict
+            })
+        });
+        group.bench_function("cnnf: CompiledTable::decide_interned (mix)", |b| {
+            let mut n = 0usize;
+            b.iter(|| {
+                n = (n + 1) % MIX;
+                let (source, destination) = ends[n];
+                compiled
+                    .decide_interned(black_box(&connections[n]), source, destination)
+                    .verdict
             })
         });
         for kind in ["known", "unknown", "rule allows", "subnet prevents"] {
@@ -321,7 +351,7 @@ fn verdict_lookup(c: &mut Criterion) {
         }
         group.finish();
 
-        one_at_a_time(rule_count, &compiled, &connections, &baseline, &keys);
+        one_at_a_time(rule_count, &compiled, &connections, &ends, &baseline, &keys);
     }
 }
 
@@ -345,28 +375,34 @@ fn one_at_a_time(
     rule_count: u32,
     compiled: &CompiledTable,
     connections: &[Connection<'_>],
+    ends: &[(&InternedIdentity, &InternedIdentity)],
     baseline: &HashMap<(u32, u32, u16), u8>,
     keys: &[(u32, u32, u16)],
 ) {
     const ROUNDS: usize = 250;
     let mut timer = Vec::with_capacity(MIX * ROUNDS);
     let mut decide = Vec::with_capacity(MIX * ROUNDS);
+    let mut interned = Vec::with_capacity(MIX * ROUNDS);
     let mut lookup = Vec::with_capacity(MIX * ROUNDS);
     for _ in 0..ROUNDS {
-        for (connection, key) in connections.iter().zip(keys) {
+        for ((connection, key), (source, destination)) in connections.iter().zip(keys).zip(ends) {
             let t0 = Instant::now();
             let t1 = Instant::now();
             black_box(compiled.decide(black_box(connection)));
             let t2 = Instant::now();
-            black_box(baseline.get(black_box(key)));
+            black_box(compiled.decide_interned(black_box(connection), source, destination));
             let t3 = Instant::now();
+            black_box(baseline.get(black_box(key)));
+            let t4 = Instant::now();
             timer.push((t1 - t0).as_nanos() as u64);
             decide.push((t2 - t1).as_nanos() as u64);
-            lookup.push((t3 - t2).as_nanos() as u64);
+            interned.push((t3 - t2).as_nanos() as u64);
+            lookup.push((t4 - t3).as_nanos() as u64);
         }
     }
     let (timer50, _, _) = percentiles(&mut timer);
     let (d50, d99, d999) = percentiles(&mut decide);
+    let (i50, i99, i999) = percentiles(&mut interned);
     let (l50, l99, _) = percentiles(&mut lookup);
 
     // Means over tight loops (no timer per call).
@@ -382,16 +418,22 @@ fn one_at_a_time(
     let decide_mean: Duration = mean(&mut |n| {
         black_box(compiled.decide(black_box(&connections[n % MIX])));
     });
+    let interned_mean: Duration = mean(&mut |n| {
+        let (source, destination) = ends[n % MIX];
+        black_box(compiled.decide_interned(black_box(&connections[n % MIX]), source, destination));
+    });
     let lookup_mean: Duration = mean(&mut |n| {
         black_box(baseline.get(black_box(&keys[n % MIX])));
     });
     println!(
         "{rule_count:>5} rules, timed singly (timer itself p50 {timer50} ns, included): decide p50 {d50} ns, p99 {d99} ns, \
-         p99.9 {d999} ns; baseline p50 {l50} ns, p99 {l99} ns"
+         p99.9 {d999} ns; decide_interned p50 {i50} ns, p99 {i99} ns, p99.9 {i999} ns; baseline p50 {l50} ns, p99 {l99} ns"
     );
     println!(
-        "{rule_count:>5} rules, tight loop: decide {decide_mean:.0?}/decision, baseline {lookup_mean:.0?}/lookup, ratio {:.2}",
-        decide_mean.as_secs_f64() / lookup_mean.as_secs_f64()
+        "{rule_count:>5} rules, tight loop: decide {decide_mean:.0?}/decision, decide_interned {interned_mean:.0?}/decision, \
+         baseline {lookup_mean:.0?}/lookup, ratios {:.2} and {:.2}",
+        decide_mean.as_secs_f64() / lookup_mean.as_secs_f64(),
+        interned_mean.as_secs_f64() / lookup_mean.as_secs_f64()
     );
 }
 

@@ -2,10 +2,11 @@
 //!
 //! Resolve both ends ([`Identities`]), derive the [`Scope`] from which ends
 //! this node hosts, decide with the core crate's compiled table (the same
-//! evaluation the policy service and the audit simulator use), record the
-//! decision in the ring, and answer accept or drop. Everything it touches is
-//! in memory: two atomic pointer loads, a few hash lookups, one
-//! non-blocking push. Nothing waits on the network or the disk.
+//! evaluation the policy service and the audit simulator use, with both
+//! ends interned in the table once per peer), record the decision in the
+//! ring, and answer accept or drop. Everything it touches is in memory: a
+//! few atomic pointer loads, a few hash lookups, one non-blocking push.
+//! Nothing waits on the network or the disk.
 //!
 //! A SYN with neither end local (rules not yet reconciled after a workload
 //! stopped) is accepted undecided and counted: this node has no side of it
@@ -85,7 +86,12 @@ impl Engine {
             protocol: Protocol::Tcp,
             scope,
         };
-        let decision = table.compiled.decide(&connection);
+        let (source_interned, destination_interned) =
+            (src.peer.interned(&table.compiled), dst.peer.interned(&table.compiled));
+        let decision = match (source_interned.as_deref(), destination_interned.as_deref()) {
+            (Some(source), Some(destination)) => table.compiled.decide_interned(&connection, source, destination),
+            _ => table.compiled.decide(&connection),
+        };
         let mode = table.compiled.mode_for(&connection);
         let drops = decision.drops();
         let verdict = decision.verdict;

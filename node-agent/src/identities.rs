@@ -17,7 +17,9 @@
 //!
 //! Both maps are immutable hash maps behind an atomic pointer: a verdict
 //! thread does one atomic load and one hash lookup per map, and shares the
-//! resolved [`Peer`] by reference count, allocating nothing. Writers build
+//! resolved [`Peer`] by reference count, allocating nothing. Each peer also
+//! caches its identity interned in the table in force ([`Peer::interned`]),
+//! so a decision compares integers instead of hashing image IDs and names. Writers build
 //! a new map and swap it in; the fleet watcher batches the entries that
 //! arrive together (a snapshot of many thousands of keys at start-up) so
 //! it copies the map once per batch, not once per key.
@@ -27,9 +29,9 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use async_nats::jetstream::{self, kv};
-use cnnf_core::eval::Identity;
+use cnnf_core::eval::{CompiledTable, Identity, InternedIdentity};
 use cnnf_core::proto::{self, Workload};
 use futures::StreamExt;
 use prost::Message as _;
@@ -53,30 +55,86 @@ pub struct Peer {
     pub cluster: String,
     /// Node of the workload, when known.
     pub node: String,
+    /// The identity interned in the last table it was decided under.
+    interned: InternCache,
+}
+
+/// A peer's identity interned in one compiled table, so the verdict
+/// threads decide its SYNs with integers instead of hashing its image ID
+/// and name on every SYN. Filled on the peer's first decision under a
+/// table, replaced after a table swap; never part of what a peer is
+/// (equality and hashing ignore it, clones start from the same value).
+#[derive(Default)]
+struct InternCache(ArcSwapOption<InternedIdentity>);
+
+impl Clone for InternCache {
+    fn clone(&self) -> Self {
+        Self(ArcSwapOption::new(self.0.load_full()))
+    }
+}
+
+impl PartialEq for InternCache {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for InternCache {}
+
+impl std::hash::Hash for InternCache {
+    fn hash<H: std::hash::Hasher>(&self, _: &mut H) {}
+}
+
+impl std::fmt::Debug for InternCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("InternCache")
+    }
 }
 
 impl Peer {
     /// A peer known only by its identity (objects, unknown).
     pub fn bare(identity: Identity) -> Self {
+        Self::new(identity, String::new(), String::new(), String::new())
+    }
+
+    /// A peer with everything decision events show of it.
+    pub fn new(identity: Identity, container_id: String, cluster: String, node: String) -> Self {
         Self {
             identity,
-            container_id: String::new(),
-            cluster: String::new(),
-            node: String::new(),
+            container_id,
+            cluster,
+            node,
+            interned: InternCache::default(),
         }
+    }
+
+    /// The identity interned in `table`: from the cache when it was
+    /// interned there before, else interned now and cached. A guard, not a
+    /// clone, so threads deciding for the same peer share no reference
+    /// count. Under a race with a table swap the guard may hold another
+    /// table's interning: `decide_interned` then looks the identity up
+    /// again, so the answer stays right.
+    pub fn interned(&self, table: &CompiledTable) -> arc_swap::Guard<Option<Arc<InternedIdentity>>> {
+        let cached = self.interned.0.load();
+        if cached.as_deref().is_some_and(|interned| interned.is_for(table)) {
+            return cached;
+        }
+        drop(cached);
+        self.interned.0.store(Some(Arc::new(table.intern(&self.identity))));
+        self.interned.0.load()
     }
 
     /// The peer a workload makes of its addresses.
     pub fn of_workload(workload: &Workload) -> Self {
-        Self {
-            identity: Identity::Image {
+        Self::new(
+            Identity::Image {
                 id: workload.image_id.clone(),
                 name: workload.image_name.clone(),
             },
-            container_id: workload.container_id.clone(),
-            cluster: workload.cluster.clone(),
-            node: workload.node.clone(),
-        }
+            workload.container_id.clone(),
+            workload.cluster.clone(),
+            workload.node.clone(),
+        )
     }
 
     /// The identity as decision events carry it.
@@ -99,7 +157,102 @@ pub struct Resolved {
     pub local: bool,
 }
 
-type AddressMap = HashMap<IpAddr, Arc<Peer>>;
+type AddressMap = HashMap<IpAddr, Arc<Peer>, AddressHashing>;
+
+/// Hashing of the address maps. Every SYN looks up both of its addresses,
+/// and the standard SipHash of an address costs about as much as the rest
+/// of the lookup (measured in the data-plane benchmark), so the maps use a
+/// folded multiply instead, keyed per process like the standard hasher (the
+/// maps' keys come from this node's discovery and the fleet map, not from
+/// packets, and a lookup of a hostile address only reads).
+#[derive(Debug, Clone, Copy)]
+struct AddressHashing {
+    seed: u64,
+}
+
+impl Default for AddressHashing {
+    fn default() -> Self {
+        use std::hash::BuildHasher as _;
+        Self {
+            seed: std::collections::hash_map::RandomState::new().hash_one(0x5eed_u64) | 1,
+        }
+    }
+}
+
+impl std::hash::BuildHasher for AddressHashing {
+    type Hasher = AddressHasher;
+
+    fn build_hasher(&self) -> AddressHasher {
+        AddressHasher { state: self.seed }
+    }
+}
+
+/// The hasher of [`AddressHashing`].
+#[derive(Debug, Clone, Copy)]
+struct AddressHasher {
+    state: u64,
+}
+
+/// Multiplier of the mix (the golden ratio's odd 64-bit constant).
+const MIX: u64 = 0x9e37_79b9_7f4a_7c15;
+
+impl AddressHasher {
+    #[inline]
+    fn mix(&mut self, value: u64) {
+        let product = u128::from(self.state ^ value) * u128::from(MIX);
+        self.state = (product as u64) ^ ((product >> 64) as u64);
+    }
+}
+
+impl std::hash::Hasher for AddressHasher {
+    #[inline]
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.mix(u64::from_le_bytes(word) ^ ((chunk.len() as u64) << 59));
+        }
+    }
+
+    #[inline]
+    fn write_u8(&mut self, value: u8) {
+        self.mix(u64::from(value));
+    }
+
+    #[inline]
+    fn write_u16(&mut self, value: u16) {
+        self.mix(u64::from(value));
+    }
+
+    #[inline]
+    fn write_u32(&mut self, value: u32) {
+        self.mix(u64::from(value));
+    }
+
+    #[inline]
+    fn write_u64(&mut self, value: u64) {
+        self.mix(value);
+    }
+
+    #[inline]
+    fn write_u128(&mut self, value: u128) {
+        self.mix(value as u64);
+        self.mix((value >> 64) as u64);
+    }
+
+    #[inline]
+    fn write_usize(&mut self, value: usize) {
+        self.mix(value as u64);
+    }
+
+    #[inline]
+    fn finish(&self) -> u64 {
+        // One more round, so the high bits (hashbrown's tag) depend on
+        // every input bit.
+        let product = u128::from(self.state) * u128::from(MIX ^ 0xff51_afd7_ed55_8ccd);
+        (product as u64) ^ ((product >> 64) as u64)
+    }
+}
 
 /// The address → identity maps.
 #[derive(Debug)]
@@ -114,8 +267,8 @@ impl Identities {
     /// Empty maps: every address is unknown until discovery and KV speak.
     pub fn new(metrics: Metrics) -> Self {
         Self {
-            local: ArcSwap::from_pointee(HashMap::new()),
-            fleet: ArcSwap::from_pointee(HashMap::new()),
+            local: ArcSwap::from_pointee(AddressMap::default()),
+            fleet: ArcSwap::from_pointee(AddressMap::default()),
             unknown: Arc::new(Peer::bare(Identity::Unknown)),
             metrics,
         }
@@ -146,7 +299,7 @@ impl Identities {
             .identities
             .get_or_create(&IdentityLabels { source: "local" })
             .set(map.len() as i64);
-        self.local.store(Arc::new(map));
+        self.local.store(Arc::new(map.into_iter().collect()));
     }
 
     /// Applies KV changes to the fleet map: `Some` puts, `None` deletes.
@@ -243,7 +396,6 @@ pub async fn watch_fleet(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use cnnf_core::eval::CompiledTable;
     use cnnf_core::proto::{network_object::Kind, NetworkObject, VerdictTable};
 
     fn image(id: &str) -> Arc<Peer> {
@@ -251,6 +403,52 @@ mod tests {
             id: id.into(),
             name: format!("{id}:latest"),
         }))
+    }
+
+    /// The address hasher must spread neighbouring addresses over the
+    /// buckets (low bits) and the tags (top 7 bits) like a random hash, or
+    /// lookups in a map of a fleet's addresses would probe long chains.
+    #[test]
+    fn address_hashes_spread_like_random_ones() {
+        use std::collections::HashSet;
+        use std::hash::BuildHasher as _;
+        let hashing = AddressHashing::default();
+        let v4: Vec<u64> = (0..4096u32)
+            .map(|n| hashing.hash_one(IpAddr::from(std::net::Ipv4Addr::from(0x0a40_0000 + n))))
+            .collect();
+        let v6: Vec<u64> = (0..4096u128)
+            .map(|n| hashing.hash_one(IpAddr::from(std::net::Ipv6Addr::from((0xfd00u128 << 112) + n))))
+            .collect();
+        for hashes in [&v4, &v6] {
+            // 4096 keys into 4096 buckets: about 2589 distinct if random.
+            let buckets: HashSet<u64> = hashes.iter().map(|hash| hash & 4095).collect();
+            assert!(buckets.len() > 2400, "{} buckets of 4096", buckets.len());
+            let tags: HashSet<u64> = hashes.iter().map(|hash| hash >> 57).collect();
+            assert_eq!(tags.len(), 128);
+        }
+        // Keyed per map builder like the standard hasher.
+        let other = AddressHashing::default();
+        let address = IpAddr::from(std::net::Ipv4Addr::new(10, 0, 0, 1));
+        assert_ne!(hashing.hash_one(address), other.hash_one(address));
+    }
+
+    #[test]
+    fn a_peer_interns_once_per_table_and_equality_ignores_it() {
+        let first = CompiledTable::empty();
+        let second = CompiledTable::empty();
+        let peer = image("sha256:a");
+        let a = peer.interned(&first).as_ref().map(Arc::as_ptr);
+        assert!(peer.interned(&first).as_deref().is_some_and(|i| i.is_for(&first)));
+        // Cached: the same interning again.
+        assert_eq!(peer.interned(&first).as_ref().map(Arc::as_ptr), a);
+        // A new table: interned again, for it.
+        let b = peer.interned(&second);
+        assert!(b.as_deref().is_some_and(|i| i.is_for(&second) && !i.is_for(&first)));
+        // What a peer is does not depend on its cache.
+        assert_eq!(*peer, *image("sha256:a"));
+        let hashing = std::collections::hash_map::RandomState::new();
+        use std::hash::BuildHasher as _;
+        assert_eq!(hashing.hash_one(&*peer), hashing.hash_one(&*image("sha256:a")));
     }
 
     #[test]

@@ -7,6 +7,12 @@
 //! known. Changes announced on NATS (`cnnf.model.>`, `cnnf.policy.>`,
 //! `cnnf.audit.v1.>`) make `/api/v1/radar/stream` push the graph again, at
 //! most twice a second per client; one build is shared by all clients.
+//!
+//! A change is announced on NATS as the services apply it, so a graph built
+//! right after an announcement may predate it (a model command is published
+//! before the modeler's runner commits it). The graph is therefore built
+//! once more [`SETTLE`] after the last announcement, and a client gets a
+//! push only when its graph differs from the one it was sent last.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::convert::Infallible;
@@ -31,6 +37,9 @@ use crate::server::{json_error, Channels, ClientCn, Gateway};
 
 /// Least time between two pushes of the graph to one client.
 pub const THROTTLE: Duration = Duration::from_millis(500);
+/// After the last change announced, the graph is built once more this much
+/// later, to catch changes the services applied after announcing them.
+pub const SETTLE: Duration = Duration::from_secs(2);
 /// Most learned-connection pages read per model (of 1000 each).
 const MAX_PAGES: usize = 10;
 /// Most recent verdicts kept per edge.
@@ -104,6 +113,20 @@ pub struct Edge {
     /// `DELETE /api/v1/models/<image>/learned` needs them.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub learned_by: Option<LearnedBy>,
+    /// For learned edges: every learned connection the edge stands for
+    /// (both sides, every port), so deleting the edge deletes them all.
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub learned: Vec<LearnedRef>,
+}
+
+/// One learned connection of an edge, as `DELETE /api/v1/models/<image_id>/learned` takes it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LearnedRef {
+    /// The image whose model holds the connection.
+    pub image_id: String,
+    /// The request body naming it (proto3 JSON of `LearnedConnection`:
+    /// `side`, `peer`, `port`, `protocol`).
+    pub connection: serde_json::Value,
 }
 
 /// Where a learned edge can be deleted.
@@ -200,6 +223,7 @@ struct EdgeAcc {
     decided_by: String,
     recent: Vec<Recent>,
     learned_by: Option<LearnedBy>,
+    learned: Vec<LearnedRef>,
 }
 
 /// What the services answered, the input of [`assemble`].
@@ -298,6 +322,18 @@ fn identity_json(identity: Option<&pb::Identity>) -> serde_json::Value {
     serde_json::to_value(identity.cloned().unwrap_or_default()).unwrap_or(serde_json::Value::Null)
 }
 
+/// What names a learned connection (side, peer, port, protocol), in proto3 JSON.
+fn learned_key_json(connection: &pb::LearnedConnection) -> serde_json::Value {
+    let key = pb::LearnedConnection {
+        side: connection.side,
+        peer: connection.peer.clone(),
+        port: connection.port,
+        protocol: connection.protocol,
+        ..Default::default()
+    };
+    serde_json::to_value(key).unwrap_or(serde_json::Value::Null)
+}
+
 /// Builds the full graph from what the services answered.
 pub fn assemble(sources: &Sources) -> Graph {
     let mut b = Builder::default();
@@ -339,6 +375,10 @@ pub fn assemble(sources: &Sources) -> Graph {
                 edge.first_seen = first;
             }
             edge.last_seen = edge.last_seen.max(unix_ms(connection.last_seen_unix_nanos));
+            edge.learned.push(LearnedRef {
+                image_id: model.image_id.clone(),
+                connection: learned_key_json(connection),
+            });
             if edge.decided_by.is_empty() || inbound {
                 edge.decided_by = format!("model:{}", model.image_id);
                 edge.learned_by = Some(LearnedBy {
@@ -455,6 +495,7 @@ pub fn assemble(sources: &Sources) -> Graph {
                 decided_by: e.decided_by,
                 recent: e.recent,
                 learned_by: e.learned_by,
+                learned: e.learned,
             })
             .collect(),
         warnings: sources.warnings.clone(),
@@ -682,8 +723,21 @@ pub async fn watch_changes(nats_url: String, radar: Radar, ready: cnnf_service::
     }
     ready.set(true);
     let mut messages = futures::stream::select_all(subscriptions);
-    while messages.next().await.is_some() {
-        radar.notify();
+    let mut settle: Option<tokio::time::Instant> = None;
+    loop {
+        tokio::select! {
+            message = messages.next() => {
+                if message.is_none() {
+                    break;
+                }
+                radar.notify();
+                settle = Some(tokio::time::Instant::now() + SETTLE);
+            }
+            () = tokio::time::sleep_until(settle.unwrap_or_else(tokio::time::Instant::now)), if settle.is_some() => {
+                settle = None;
+                radar.notify();
+            }
+        }
     }
 }
 
@@ -733,21 +787,29 @@ pub async fn stream(
     let radar = gateway.radar.clone();
     let changes = radar.changes.subscribe();
     let events = futures::stream::unfold(
-        (radar, changes, query, true),
-        |(radar, mut changes, query, first)| async move {
-            if !first {
-                changes.changed().await.ok()?;
-                // Let a burst of changes settle into one push.
-                tokio::time::sleep(THROTTLE).await;
-            }
-            changes.borrow_and_update();
-            let graph = radar.current().await;
-            let graph = filter(&graph, &query).unwrap_or_default();
+        (radar, changes, query, None::<Graph>),
+        |(radar, mut changes, query, last)| async move {
+            let mut first = last.is_none();
+            let graph = loop {
+                if !first {
+                    changes.changed().await.ok()?;
+                    // Let a burst of changes settle into one push.
+                    tokio::time::sleep(THROTTLE).await;
+                }
+                first = false;
+                changes.borrow_and_update();
+                let graph = radar.current().await;
+                let graph = filter(&graph, &query).unwrap_or_default();
+                // Nothing this client sees changed: no push.
+                if last.as_ref() != Some(&graph) {
+                    break graph;
+                }
+            };
             let event = Event::default()
                 .event("graph")
                 .json_data(&graph)
                 .unwrap_or_else(|_| Event::default().event("error").data("graph not serializable"));
-            Some((Ok::<_, Infallible>(event), (radar, changes, query, false)))
+            Some((Ok::<_, Infallible>(event), (radar, changes, query, Some(graph))))
         },
     );
     Sse::new(events).keep_alive(KeepAlive::default()).into_response()
@@ -804,6 +866,26 @@ mod tests {
         assert_eq!(edge.ports[0].status, "allowed");
         assert_eq!(edge.count, 3);
         assert_eq!(edge.decided_by, "model:db");
+        let learned: Vec<(&str, &serde_json::Value)> = edge
+            .learned
+            .iter()
+            .map(|l| (l.image_id.as_str(), &l.connection["side"]))
+            .collect();
+        assert_eq!(
+            learned,
+            [
+                ("db", &serde_json::json!("SIDE_INBOUND")),
+                ("web", &serde_json::json!("SIDE_OUTBOUND"))
+            ],
+            "both sides are listed for deletion"
+        );
+        let body = &edge.learned[0].connection;
+        assert_eq!(
+            (&body["port"], &body["protocol"]),
+            (&serde_json::json!(5432), &serde_json::json!("PROTOCOL_TCP"))
+        );
+        assert_eq!(body["peer"]["id"], "web");
+        assert!(body.get("count").is_none(), "only what names the connection: {body}");
         let host = filter(
             &graph,
             &RadarQuery {

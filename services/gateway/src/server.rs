@@ -160,6 +160,7 @@ impl Gateway {
         Router::new()
             .route("/api/v1/radar", get(radar::get_graph))
             .route("/api/v1/radar/stream", get(radar::stream))
+            .route("/api/v1/whoami", get(whoami))
             .route("/api/v1/models/{image}/learned", delete(api::delete_learned))
             .route("/api/v1/{service}/{method}", post(api::call))
             .fallback(fallback)
@@ -221,6 +222,16 @@ pub fn json_error(status: StatusCode, code: &str, message: &str) -> Response {
             .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
     }
     response
+}
+
+/// `GET /api/v1/whoami`: the caller's name and role, for any valid
+/// credentials. The Radar page uses it to offer only what the caller may do;
+/// every call is still checked on its own.
+async fn whoami(State(gateway): State<Gateway>, Extension(cn): Extension<ClientCn>, headers: HeaderMap) -> Response {
+    match gateway.authorize(&headers, &cn, Role::Viewer) {
+        Ok(caller) => Json(serde_json::json!({ "name": caller.name, "role": caller.role.to_string() })).into_response(),
+        Err(denied) => denied.http(),
+    }
 }
 
 fn grpc_error(status: tonic::Status) -> Response {

@@ -27,6 +27,13 @@
 //! - **Learned connections** in one open-addressed set of packed `u64` keys
 //!   (model, peer, side, protocol, port; [`learned::LearnedSet`]), with
 //!   every identity string interned once.
+//! - **Interned identities.** What a decision looks up about one end (its
+//!   image entry, its classes, its learned-peer key) depends only on the
+//!   identity and the table, so a caller that sees the same identities
+//!   again and again (the agent: one per container) can look them up once
+//!   per table ([`CompiledTable::intern`]) and decide with integers only
+//!   ([`CompiledTable::decide_interned`]): no string is hashed or compared
+//!   on that path, which saves the lookups' cache misses in a large table.
 //!
 //! Where the specification is silent the reference evaluator decides; the
 //! property test in this module's tests holds the two to equal decisions,
@@ -38,6 +45,7 @@ mod prefix;
 
 use std::fmt;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use foldhash::{HashMap, HashMapExt};
 
@@ -78,6 +86,9 @@ const MODEL_BITS: u32 = 22;
 const PEER_BITS: u32 = 23;
 /// The peer key of every unknown identity.
 const UNKNOWN_PEER: u32 = 0;
+
+/// Tells tables apart for [`InternedIdentity`]: every build takes the next.
+static NEXT_TABLE_ID: AtomicU64 = AtomicU64::new(1);
 
 /// What one image ID is in the table.
 #[derive(Clone, Copy, Debug)]
@@ -196,9 +207,87 @@ impl ClassSet {
     }
 }
 
+/// An identity looked up once in one [`CompiledTable`]: everything a
+/// decision needs of one end, as integers. Made by
+/// [`CompiledTable::intern`]; valid for that table only (a clone of it
+/// included), which [`CompiledTable::decide_interned`] checks.
+#[derive(Clone, Debug)]
+pub struct InternedIdentity {
+    /// The id of the table it was interned in.
+    table: u64,
+    /// The identity's image entry (images only).
+    image: Option<ImageEntry>,
+    /// Every class the identity belongs to.
+    classes: Box<[u32]>,
+    /// The learned-peer key, or [`NONE`].
+    peer: u32,
+}
+
+impl InternedIdentity {
+    /// True when this was interned in `table` (or a clone of it).
+    pub fn is_for(&self, table: &CompiledTable) -> bool {
+        self.table == table.id
+    }
+}
+
+/// One end of a connection as a decision reads it: looked up on demand in
+/// the table ([`Lookup`]) or read from an [`InternedIdentity`].
+trait End {
+    /// The end's image entry (images the table knows only).
+    fn image(&self) -> Option<&ImageEntry>;
+    /// Calls `visit` with every class the end belongs to.
+    fn classes(&self, table: &CompiledTable, visit: impl FnMut(u32));
+    /// The end's learned-peer key, or [`NONE`].
+    fn peer(&self, table: &CompiledTable) -> u32;
+}
+
+/// An end looked up in the table as the decision needs it.
+struct Lookup<'a> {
+    identity: &'a Identity,
+    image: Option<&'a ImageEntry>,
+}
+
+impl End for Lookup<'_> {
+    #[inline]
+    fn image(&self) -> Option<&ImageEntry> {
+        self.image
+    }
+
+    #[inline]
+    fn classes(&self, table: &CompiledTable, visit: impl FnMut(u32)) {
+        table.classes_of(self.identity, self.image, visit);
+    }
+
+    #[inline]
+    fn peer(&self, table: &CompiledTable) -> u32 {
+        table.peer_of(self.identity, self.image)
+    }
+}
+
+impl End for InternedIdentity {
+    #[inline]
+    fn image(&self) -> Option<&ImageEntry> {
+        self.image.as_ref()
+    }
+
+    #[inline]
+    fn classes(&self, _table: &CompiledTable, mut visit: impl FnMut(u32)) {
+        for class in self.classes.iter() {
+            visit(*class);
+        }
+    }
+
+    #[inline]
+    fn peer(&self, _table: &CompiledTable) -> u32 {
+        self.peer
+    }
+}
+
 /// A verdict table ready for decisions.
 #[derive(Clone)]
 pub struct CompiledTable {
+    /// Tells this table (and its clones) apart from every other build.
+    id: u64,
     table: VerdictTable,
     /// Container mode and host mode, unspecified read as disabled.
     mode: proto::Mode,
@@ -539,6 +628,7 @@ impl CompiledTable {
             model.outbound = Vec::new();
         }
         Ok(Self {
+            id: NEXT_TABLE_ID.fetch_add(1, Ordering::Relaxed),
             mode: effective_mode(table.mode),
             host_mode: effective_mode(table.host_mode),
             table,
@@ -620,6 +710,51 @@ impl CompiledTable {
 
     /// Decides `connection`; identical to [`reference::decide`].
     pub fn decide(&self, connection: &Connection<'_>) -> Decision<'_> {
+        let source = Lookup {
+            identity: connection.source,
+            image: self.image_entry(connection.source),
+        };
+        let destination = Lookup {
+            identity: connection.destination,
+            image: self.image_entry(connection.destination),
+        };
+        self.decide_ends(connection, &source, &destination)
+    }
+
+    /// Looks `identity` up once, for [`CompiledTable::decide_interned`].
+    /// Costs a few hash lookups; worth it for an identity decided for more
+    /// than once under this table.
+    pub fn intern(&self, identity: &Identity) -> InternedIdentity {
+        let image = self.image_entry(identity);
+        let mut classes = Vec::new();
+        self.classes_of(identity, image, |class| classes.push(class));
+        InternedIdentity {
+            table: self.id,
+            image: image.copied(),
+            classes: classes.into_boxed_slice(),
+            peer: self.peer_of(identity, image),
+        }
+    }
+
+    /// Decides `connection` like [`CompiledTable::decide`], with its ends
+    /// interned: `source` must be `connection.source` interned, and
+    /// `destination` `connection.destination`. Ends interned in another
+    /// table are looked up again (the answer stays right, only slower).
+    pub fn decide_interned(
+        &self,
+        connection: &Connection<'_>,
+        source: &InternedIdentity,
+        destination: &InternedIdentity,
+    ) -> Decision<'_> {
+        if !source.is_for(self) || !destination.is_for(self) {
+            return self.decide(connection);
+        }
+        self.decide_ends(connection, source, destination)
+    }
+
+    /// The decision, with the ends' lookups behind [`End`].
+    #[inline]
+    fn decide_ends<E: End>(&self, connection: &Connection<'_>, source: &E, destination: &E) -> Decision<'_> {
         let mode = self.mode_for(connection);
         if mode == proto::Mode::Disabled {
             return Decision {
@@ -628,13 +763,10 @@ impl CompiledTable {
             };
         }
 
-        let source_image = self.image_entry(connection.source);
-        let destination_image = self.image_entry(connection.destination);
-
         // The rules of the source: every class it belongs to.
         let mut rules = Class::EMPTY;
         let mut sources = ClassSet::new();
-        self.classes_of(connection.source, source_image, |class| {
+        source.classes(self, |class| {
             let info = &self.classes[class as usize];
             if info.first != NONE {
                 rules.merge(info);
@@ -647,10 +779,10 @@ impl CompiledTable {
         if rules.first == NONE {
             // No rule for S: known (learning sides learn) -> allow;
             // otherwise the global mode.
-            return match self.known(connection, source_image, destination_image) {
+            return match self.known(connection, source, destination) {
                 Some(verdict) => Decision {
                     verdict,
-                    decided_by: self.model_of(connection, source_image, destination_image),
+                    decided_by: self.model_of(connection, source.image(), destination.image()),
                 },
                 None => Decision {
                     verdict: if mode == proto::Mode::Prevent {
@@ -668,7 +800,7 @@ impl CompiledTable {
         let mut first = [NONE; 3];
         if !sources.is_empty() {
             let mut targets = ClassSet::new();
-            self.classes_of(connection.destination, destination_image, |class| {
+            destination.classes(self, |class| {
                 if self.classes[class as usize].is_destination {
                     targets.push(class);
                 }
@@ -715,7 +847,7 @@ impl CompiledTable {
         }
         // Rule allows learned and known -> allow (learn where learning).
         if rules.allow_learned != NONE {
-            if let Some(verdict) = self.known(connection, source_image, destination_image) {
+            if let Some(verdict) = self.known(connection, source, destination) {
                 return Decision {
                     verdict,
                     decided_by: rule(rules.allow_learned),
@@ -794,36 +926,29 @@ impl CompiledTable {
     }
 
     /// Whether the checked sides know the connection (see the reference).
-    fn known(
-        &self,
-        connection: &Connection<'_>,
-        source_image: Option<&ImageEntry>,
-        destination_image: Option<&ImageEntry>,
-    ) -> Option<proto::Verdict> {
+    fn known<E: End>(&self, connection: &Connection<'_>, source: &E, destination: &E) -> Option<proto::Verdict> {
         let mut learning = false;
         let sides = [
             (
                 connection.scope.checks_source(),
                 connection.source,
-                source_image,
-                connection.destination,
-                destination_image,
+                source,
+                destination,
                 proto::Side::Outbound,
             ),
             (
                 connection.scope.checks_destination(),
                 connection.destination,
-                destination_image,
-                connection.source,
-                source_image,
+                destination,
+                source,
                 proto::Side::Inbound,
             ),
         ];
-        for (checked, owner, owner_image, peer, peer_image, side) in sides {
+        for (checked, owner, owner_end, peer_end, side) in sides {
             if !checked || !matches!(owner, Identity::Image { .. }) {
                 continue; // only images have models
             }
-            let Some(entry) = owner_image.filter(|entry| entry.model != NONE) else {
+            let Some(entry) = owner_end.image().filter(|entry| entry.model != NONE) else {
                 learning = true; // an image new to the fleet is learning
                 continue;
             };
@@ -831,7 +956,7 @@ impl CompiledTable {
                 learning = true;
                 continue;
             }
-            let peer = self.peer_of(peer, peer_image);
+            let peer = peer_end.peer(self);
             if peer == NONE
                 || !self.learned.contains(learned_key(
                     entry.model,

@@ -40,7 +40,7 @@ use std::net::IpAddr;
 
 use crate::proto;
 
-pub use compiled::{CompiledTable, TableError};
+pub use compiled::{CompiledTable, InternedIdentity, TableError};
 
 /// What an address resolved to, as evaluation needs it.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]

@@ -165,4 +165,13 @@ pub(super) fn assert_decides(
         "reference, {connection:?}"
     );
     assert_eq!(compiled.decide(connection), expected, "compiled, {connection:?}");
+    let (source, destination) = (
+        compiled.intern(connection.source),
+        compiled.intern(connection.destination),
+    );
+    assert_eq!(
+        compiled.decide_interned(connection, &source, &destination),
+        expected,
+        "compiled, interned, {connection:?}"
+    );
 }

@@ -287,10 +287,15 @@ proptest! {
         let compiled = CompiledTable::build(table.clone()).unwrap();
         for case in &cases {
             let connection = case.connection();
+            let expected = reference::decide(&table, &connection);
+            prop_assert_eq!(compiled.decide(&connection), expected, "{:?}", case);
+            // The same with both ends interned (the agent's path).
+            let source = compiled.intern(connection.source);
+            let destination = compiled.intern(connection.destination);
             prop_assert_eq!(
-                compiled.decide(&connection),
-                reference::decide(&table, &connection),
-                "{:?}",
+                compiled.decide_interned(&connection, &source, &destination),
+                expected,
+                "interned: {:?}",
                 case
             );
         }

@@ -108,3 +108,32 @@ fn the_compiled_table_keeps_the_table_and_its_version() {
     assert_eq!(compiled.table(), &source);
     assert!(compiled.index_heap_bytes() > 0);
 }
+
+#[test]
+fn identities_interned_in_another_table_are_looked_up_again() {
+    let web = image("sha-web", "web:1");
+    let db = image("sha-db", "db:1");
+    let connection = connection(&web, "10.0.0.1", &db, "10.0.0.2", 5432, Scope::Egress);
+    // Prevent mode, web's model enforcing; only the second table's model
+    // knows web → db:5432.
+    let with_model = |outbound| {
+        let mut table = table(proto::Mode::Prevent);
+        table.models = vec![model("sha-web", proto::ModelState::Enforcing, vec![], outbound)];
+        CompiledTable::build(table).unwrap()
+    };
+    let unknown = with_model(vec![]);
+    let knowing = with_model(vec![learned(&db, 5432)]);
+    let (source, destination) = (unknown.intern(&web), unknown.intern(&db));
+    assert!(source.is_for(&unknown) && source.is_for(&unknown.clone()));
+    assert!(!source.is_for(&knowing));
+    assert_eq!(
+        unknown.decide_interned(&connection, &source, &destination).verdict,
+        proto::Verdict::Prevent
+    );
+    // Stale internings: the answer is the other table's, as without them.
+    assert_eq!(
+        knowing.decide_interned(&connection, &source, &destination),
+        knowing.decide(&connection)
+    );
+    assert_eq!(knowing.decide(&connection).verdict, proto::Verdict::Allow);
+}
