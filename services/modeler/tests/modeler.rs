@@ -510,11 +510,17 @@ async fn learns_locks_at_the_end_relearns_extends_deletes_and_replays_identicall
         "an enforcing side learned"
     );
 
-    // Extend by 50 s: from the current end.
-    modeler
-        .command(A, model_command::Command::ExtendBySeconds(50))
-        .await
-        .unwrap();
+    // Extend by 50 s: from the current end. Sent as the operator gateway
+    // sends it: the authenticated caller is recorded, whatever name the
+    // body claims.
+    let mut request = tonic::Request::new(ModelCommand {
+        image_id: A.into(),
+        actor: "mallory".into(),
+        command: Some(model_command::Command::ExtendBySeconds(50)),
+    });
+    request.metadata_mut().insert("x-cnnf-actor", "bob".parse().unwrap());
+    let extended = modeler.client().await.command(request).await.unwrap().into_inner();
+    assert_eq!(extended.actor, "bob");
     modeler
         .model_where("A extended", A, |m| m.learning_ends_unix_nanos == T0 + 250 * S)
         .await;

@@ -263,9 +263,27 @@ impl PolicyApi {
     }
 }
 
+/// Who is acting: the caller the operator gateway authenticated
+/// (`x-cnnf-actor`, which the gateway always overwrites) wins over the name
+/// the request body claims; a direct caller on the service's own address
+/// is trusted with its claim.
+fn acting<T>(request: &Request<T>, claimed: &str) -> String {
+    request
+        .metadata()
+        .get("x-cnnf-actor")
+        .and_then(|value| value.to_str().ok())
+        .filter(|name| !name.is_empty())
+        .unwrap_or(claimed)
+        .to_owned()
+}
+
 #[tonic::async_trait]
 impl PolicyService for PolicyApi {
     async fn apply(&self, request: Request<PolicyCommand>) -> Result<Response<PolicyCommandResult>, Status> {
+        let actor = acting(
+            &request,
+            request.get_ref().change.as_ref().map_or("", |event| &event.actor),
+        );
         let command = request.into_inner();
         let Some(event) = command.change else {
             return Err(Status::invalid_argument("change: required"));
@@ -273,9 +291,7 @@ impl PolicyService for PolicyApi {
         let Some(change) = event.change else {
             return Err(Status::invalid_argument("change.change: required"));
         };
-        let result = self
-            .write(command.expected_revision, &event.actor, change, None)
-            .await?;
+        let result = self.write(command.expected_revision, &actor, change, None).await?;
         Ok(Response::new(result))
     }
 
@@ -330,15 +346,14 @@ impl PolicyService for PolicyApi {
     }
 
     async fn import(&self, request: Request<ImportRequest>) -> Result<Response<PolicyCommandResult>, Status> {
+        let actor = acting(&request, &request.get_ref().actor);
         let request = request.into_inner();
         let change = match document::parse(&request.document) {
             Ok(Parsed::Policy(imported)) => policy_event::Change::Imported(imported),
             Ok(Parsed::Rule(rule)) => policy_event::Change::RulePut(policy_event::RulePut { rule: Some(rule) }),
             Err(error) => return Err(Status::invalid_argument(error.to_string())),
         };
-        let result = self
-            .write(request.expected_revision, &request.actor, change, Some("$"))
-            .await?;
+        let result = self.write(request.expected_revision, &actor, change, Some("$")).await?;
         Ok(Response::new(result))
     }
 
