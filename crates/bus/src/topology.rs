@@ -184,6 +184,21 @@ pub const CONSUMERS: &[ConsumerSpec] = &[
         filter_subjects: &[],
     },
     ConsumerSpec {
+        durable: "audit-workloads",
+        stream: WORKLOADS,
+        filter_subjects: &[],
+    },
+    ConsumerSpec {
+        durable: "audit-policy",
+        stream: POLICY,
+        filter_subjects: &[],
+    },
+    ConsumerSpec {
+        durable: "audit-models",
+        stream: MODELS,
+        filter_subjects: &[],
+    },
+    ConsumerSpec {
         durable: "policy-workloads",
         stream: WORKLOADS,
         filter_subjects: &[],

@@ -4,8 +4,9 @@
 //! cluster, and each image at either end) under
 //! `<dimension> <value> 0 <minute> <first seen> <audit number>`. A query
 //! walks the most selective dimension its filter names (rule, image, node,
-//! verdict, cluster, else time) minute by minute, within the minutes that
-//! hold audits at all, and checks the remaining conditions on the audit.
+//! verdict, cluster, else time) minute by minute, from the dimension's
+//! oldest entry (one seek) to the newest minute holding any audit, and
+//! checks the remaining conditions on the audit.
 //! The store offers prefix scans only, so a page token (the hex of the last
 //! entry's `<minute> <first seen> <number>`) resumes by skipping that
 //! minute's earlier entries: the cost of a page is bounded by the audits of
@@ -124,6 +125,38 @@ fn read_bound(store: &dyn ProjectionStore, key: &[u8]) -> Result<Option<i64>, St
         .transpose()
 }
 
+/// Every index key of `audit` created at `time` under `number`: one per
+/// dimension, and one per distinct image at either end. The flows fold
+/// writes them when it creates the audit; retention deletes them with it.
+pub fn entries(audit: &Audit, time: i64, number: AuditNumber) -> Vec<Vec<u8>> {
+    let mut entries = vec![
+        (Dimension::Time, String::new()),
+        (Dimension::Node, audit.node.clone()),
+        (Dimension::Verdict, verdict_name(audit.verdict).to_owned()),
+        (Dimension::Rule, audit.decided_by.clone()),
+        (Dimension::Cluster, audit.cluster.clone()),
+    ];
+    let mut images: Vec<&str> = Vec::new();
+    for endpoint in [audit.source.as_ref(), audit.destination.as_ref()]
+        .into_iter()
+        .flatten()
+    {
+        if let Some(identity) = &endpoint.identity {
+            if identity.kind == IdentityKind::Image as i32
+                && !identity.id.is_empty()
+                && !images.contains(&identity.id.as_str())
+            {
+                images.push(&identity.id);
+            }
+        }
+    }
+    entries.extend(images.into_iter().map(|image| (Dimension::Image, image.to_owned())));
+    entries
+        .into_iter()
+        .map(|(dimension, value)| store::index_key(dimension, &value, time, number))
+        .collect()
+}
+
 /// Reads an audit by number.
 pub fn audit(store: &dyn ProjectionStore, number: AuditNumber) -> Result<Option<Audit>, StoreError> {
     match store.get(store::RECORDS, &number.encode())? {
@@ -151,12 +184,21 @@ pub fn list(store: &dyn ProjectionStore, query: &Query) -> Result<Page, QueryErr
         }
         Some(bytes)
     };
-    let (Some(first), Some(last)) = (
-        read_bound(store, store::STATE_FIRST_MINUTE)?,
-        read_bound(store, store::STATE_LAST_MINUTE)?,
-    ) else {
+    let (dimension, value) = dimension_of(&query.filter);
+    let prefix = store::index_prefix(dimension, &value);
+    // From the dimension's oldest entry (one seek: retention removes old
+    // entries, and a rare value starts late) to the newest minute of all.
+    let Some(last) = read_bound(store, store::STATE_LAST_MINUTE)? else {
         return Ok(Page::default());
     };
+    let Some((oldest, _)) = store.scan_prefix(store::INDEX, &prefix, 1)?.into_iter().next() else {
+        return Ok(Page::default());
+    };
+    let first = oldest
+        .get(prefix.len()..prefix.len() + 8)
+        .and_then(|bytes| bytes.try_into().ok())
+        .map(time_from_bytes)
+        .ok_or_else(|| StoreError::Engine("stored index key is corrupt".into()))?;
     let mut start = store::minute_of(query.from).max(first);
     if let Some(after) = &after {
         let token_minute = time_from_bytes(
@@ -167,8 +209,6 @@ pub fn list(store: &dyn ProjectionStore, query: &Query) -> Result<Page, QueryErr
         start = start.max(token_minute);
     }
     let end = store::minute_of(to.saturating_sub(1)).min(last);
-    let (dimension, value) = dimension_of(&query.filter);
-    let prefix = store::index_prefix(dimension, &value);
     let mut page = Page::default();
     let mut minute = start;
     while minute <= end {

@@ -39,11 +39,13 @@
 //! | `--scan-window-seconds` | `CNNF_SCAN_WINDOW_SECONDS` | 5 | the scan window |
 //! | `--scan-cooldown-seconds` | `CNNF_SCAN_COOLDOWN_SECONDS` | 300 | quiet period of a detected scanner |
 //! | `--lateness-seconds` | `CNNF_AUDIT_LATENESS_SECONDS` | 300 | default lateness of replays and simulations |
+//! | `--retention-hours` | `CNNF_AUDIT_RETENTION_HOURS` | 720 | stored audits older than this are removed ([`retention`]) |
 //! | `--grpc-addr` | `CNNF_GRPC_ADDR` | 127.0.0.1:9204 | the `Audits` API |
 //!
 //! The store is RocksDB at `<data dir>/audit`; replays build theirs under
 //! `<data dir>/replays`. Runner counters are on `/metrics` as
-//! `cnnf_audit_{flows,workloads,policy,models}_*`.
+//! `cnnf_audit_{flows,workloads,policy,models}_*`, the sweeps' as
+//! `cnnf_audit_retention_*`.
 //!
 //! Must never depend on the node agent or on another service.
 
@@ -54,6 +56,7 @@ pub mod audit;
 pub mod forensics;
 pub mod index;
 pub mod projection;
+pub mod retention;
 pub mod scan;
 pub mod service;
 pub mod simulate;
@@ -135,6 +138,10 @@ pub struct Config {
     /// time a decision may have reached the stream (0 to 604800).
     #[arg(long, env = "CNNF_AUDIT_LATENESS_SECONDS", default_value_t = forensics::DEFAULT_LATENESS.as_secs(), value_parser = clap::value_parser!(u64).range(0..=604_800))]
     pub lateness_seconds: u64,
+    /// Stored audits first seen longer ago than this many hours are removed
+    /// from the store with their index entries (1 to 876000).
+    #[arg(long, env = "CNNF_AUDIT_RETENTION_HOURS", default_value_t = retention::DEFAULT_RETENTION_HOURS, value_parser = clap::value_parser!(u64).range(1..=876_000))]
+    pub retention_hours: u64,
     /// Address of the Audits gRPC API.
     #[arg(long, env = "CNNF_GRPC_ADDR", default_value = DEFAULT_GRPC_ADDR)]
     pub grpc_addr: SocketAddr,
@@ -152,6 +159,7 @@ impl Config {
             scan_window_seconds: scan::DEFAULT_WINDOW_SECONDS,
             scan_cooldown_seconds: scan::DEFAULT_COOLDOWN_SECONDS,
             lateness_seconds: forensics::DEFAULT_LATENESS.as_secs(),
+            retention_hours: retention::DEFAULT_RETENTION_HOURS,
             grpc_addr: SocketAddr::from(([127, 0, 0, 1], 9204)),
         }
     }
@@ -164,6 +172,11 @@ impl Config {
     /// Where replays build their stores: `<data dir>/replays`.
     pub fn replay_path(&self) -> PathBuf {
         self.common.data_dir.join("replays")
+    }
+
+    /// How long stored audits are kept.
+    pub fn retention(&self) -> Duration {
+        Duration::from_secs(self.retention_hours.saturating_mul(3600))
     }
 
     /// The fold's settings.
@@ -187,6 +200,8 @@ pub struct RunOptions {
     /// Called by the flows runner after each commit, before the ack: a
     /// failpoint where a crash hurts most.
     pub flows_after_commit: Option<CommitHook>,
+    /// Time between two retention sweeps (default: a minute).
+    pub retention_sweep_interval: Option<Duration>,
 }
 
 /// Opens the audit store at `path` (creating it).
@@ -218,7 +233,9 @@ pub async fn run_with_store(
         .with_context(|| format!("binding the gRPC API on {}", config.grpc_addr))?;
     let settings = config.settings();
     let metrics: [RunnerMetrics; 4] = Default::default();
+    let retention_metrics = retention::RetentionMetrics::default();
     health.register(|registry| {
+        retention_metrics.register(registry);
         for (runner, prefix) in metrics.iter().zip([
             "cnnf_audit_flows",
             "cnnf_audit_workloads",
@@ -285,6 +302,16 @@ pub async fn run_with_store(
         models_metrics,
         stopping.clone(),
     ));
+    tasks.spawn(retention::run(
+        Arc::clone(&store),
+        settings,
+        config.retention(),
+        options
+            .retention_sweep_interval
+            .unwrap_or(retention::DEFAULT_SWEEP_INTERVAL),
+        retention_metrics,
+        stopping.clone(),
+    ));
     tasks.spawn(service::drain_outbox(js, store, notify, stopping));
     ready.set(true);
     tracing::info!(
@@ -294,7 +321,8 @@ pub async fn run_with_store(
         grpc_addr = %config.grpc_addr,
         window_seconds = config.window_seconds,
         scan_ports = config.scan_ports,
-        scan_hosts = config.scan_hosts
+        scan_hosts = config.scan_hosts,
+        retention_hours = config.retention_hours
     );
     let result = cnnf_service::run_parts(tasks, stop, shutdown).await;
     tracing::info!(message = "Service stopped.", service = NAME);
@@ -332,6 +360,8 @@ mod tests {
         assert_eq!(parsed.grpc_addr, built.grpc_addr);
         assert_eq!(parsed.grpc_addr.to_string(), DEFAULT_GRPC_ADDR);
         assert_eq!(parsed.lateness_seconds, built.lateness_seconds);
+        assert_eq!(parsed.retention(), built.retention());
+        assert_eq!(parsed.retention(), Duration::from_secs(30 * 24 * 3600));
         assert_eq!(parsed.settings(), AuditSettings::default());
     }
 
@@ -341,5 +371,7 @@ mod tests {
         assert!(error.to_string().contains("--window-seconds"), "{error}");
         let error = Config::try_parse_from(["cnnf-audit", "--scan-ports", "1"]).unwrap_err();
         assert!(error.to_string().contains("--scan-ports"), "{error}");
+        let error = Config::try_parse_from(["cnnf-audit", "--retention-hours", "0"]).unwrap_err();
+        assert!(error.to_string().contains("--retention-hours"), "{error}");
     }
 }

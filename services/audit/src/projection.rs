@@ -37,7 +37,7 @@ use prost::Message as _;
 use crate::audit::{self, audit_endpoint, decided_by_text, decision_time, dedup_key};
 use crate::scan::{self, Outcome, ScanSettings};
 use crate::store::{
-    self, time_bytes, AuditNumber, AuditRecord, ContainerRecord, Dimension, ModelChange, PolicyRecord, ScanRecord,
+    self, time_bytes, AuditNumber, AuditRecord, ContainerRecord, ModelChange, PolicyRecord, ScanRecord,
 };
 
 /// Producer of port-scan incident ids.
@@ -261,10 +261,15 @@ impl FlowsProjection {
         key.extend_from_slice(&dedup_key(cluster, node, decision, &decided_by, aggregate));
         let last_seen = decision.last_seen_unix_nanos.max(time);
 
-        if let Some(bytes) = txn.get(store::KEYS, &key)? {
-            let number = AuditNumber::decode(&bytes).ok_or_else(|| corrupt("audit key"))?;
-            let mut record: AuditRecord =
-                read(txn, store::RECORDS, &number.encode())?.ok_or_else(|| corrupt("audit"))?;
+        // A dedup key whose record retention removed opens a new audit.
+        let existing = match txn.get(store::KEYS, &key)? {
+            Some(bytes) => {
+                let number = AuditNumber::decode(&bytes).ok_or_else(|| corrupt("audit key"))?;
+                read::<AuditRecord>(txn, store::RECORDS, &number.encode())?.map(|record| (number, record))
+            }
+            None => None,
+        };
+        if let Some((number, mut record)) = existing {
             let audit = record.audit.as_mut().ok_or_else(|| corrupt("audit"))?;
             audit.count = audit.count.saturating_add(count);
             audit.first_seen_unix_nanos = audit.first_seen_unix_nanos.min(time);
@@ -299,31 +304,8 @@ impl FlowsProjection {
             published_count: count,
         };
         txn.put(store::RECORDS, number.encode().to_vec(), record.encode_to_vec());
-        let mut images = Vec::new();
-        for endpoint in [&source, &destination] {
-            if let Some(identity) = &endpoint.identity {
-                if identity.kind == IdentityKind::Image as i32
-                    && !identity.id.is_empty()
-                    && !images.contains(&identity.id)
-                {
-                    images.push(identity.id.clone());
-                }
-            }
-        }
-        let mut entries = vec![
-            (Dimension::Time, String::new()),
-            (Dimension::Node, node.to_owned()),
-            (Dimension::Verdict, audit::verdict_name(decision.verdict).to_owned()),
-            (Dimension::Rule, decided_by),
-            (Dimension::Cluster, cluster.to_owned()),
-        ];
-        entries.extend(images.into_iter().map(|image| (Dimension::Image, image)));
-        for (dimension, value) in entries {
-            txn.put(
-                store::INDEX,
-                store::index_key(dimension, &value, time, number),
-                Vec::new(),
-            );
+        for key in crate::index::entries(&audit, time, number) {
+            txn.put(store::INDEX, key, Vec::new());
         }
         self.note_minute(txn, time);
         let message = audit::audit_message(&audit.audit_id, &audit).map_err(|error| invalid(error.to_string()))?;

@@ -54,7 +54,8 @@ pub const TABLES: &[&str] = &[
 
 /// `audit_state` key: the last window whose dirty audits were published.
 pub const STATE_CLOSED_WINDOW: &[u8] = b"closed-window";
-/// `audit_state` key: the earliest minute holding an audit.
+/// `audit_state` key: the earliest minute that held an audit (retention
+/// does not move it; queries seek the index for their first minute).
 pub const STATE_FIRST_MINUTE: &[u8] = b"first-minute";
 /// `audit_state` key: the latest minute holding an audit.
 pub const STATE_LAST_MINUTE: &[u8] = b"last-minute";

@@ -3,7 +3,8 @@
 //! (nats-py and the published .proto) decoding them; a replay equal to the
 //! live projection; a simulation with exactly the expected changes; a port
 //! scan that is one incident and a bounded number of audits; crashes and
-//! restarts in the middle of the stream; point-in-time questions.
+//! restarts in the middle of the stream; point-in-time questions; retention
+//! removing old audits and nothing else.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -17,6 +18,7 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use clap::Parser as _;
+use cnnf_audit::store::{self, AuditNumber};
 use cnnf_audit::{Config, RunOptions, FLOWS_DURABLE, MODELS_DURABLE, POLICY_DURABLE, WORKLOADS_DURABLE};
 use cnnf_bus::runner::HookAction;
 use cnnf_bus::topology::{AUDIT, FLOWS, INCIDENTS, MODELS, POLICY, WORKLOADS};
@@ -88,11 +90,22 @@ struct Service {
 
 impl Service {
     async fn start(server: &NatsServer, store: Arc<dyn ProjectionStore>, data: &Path, options: RunOptions) -> Self {
+        Self::start_with(server, store, data, options, &[]).await
+    }
+
+    /// Starts the service with `extra` flags after the usual ones.
+    async fn start_with(
+        server: &NatsServer,
+        store: Arc<dyn ProjectionStore>,
+        data: &Path,
+        options: RunOptions,
+        extra: &[&str],
+    ) -> Self {
         let grpc = free_addr();
         let url = server.url();
         let grpc_text = grpc.to_string();
         let data_text = data.display().to_string();
-        let args = vec![
+        let mut args = vec![
             "cnnf-audit",
             "--nats-url",
             &url,
@@ -103,6 +116,12 @@ impl Service {
             "--data-dir",
             &data_text,
         ];
+        // Scripted tests use event times years back: keep their audits
+        // unless a test sets a retention itself.
+        if !extra.contains(&"--retention-hours") {
+            args.extend_from_slice(&["--retention-hours", "876000"]);
+        }
+        args.extend_from_slice(extra);
         let config = Config::try_parse_from(args).unwrap();
         cnnf_service::init_logging();
         let health = Health::default();
@@ -1217,6 +1236,7 @@ async fn a_crash_and_a_restart_in_the_middle_of_the_stream_lose_and_double_nothi
                 HookAction::Continue
             }
         })),
+        ..Default::default()
     };
     let service = Service::start(&server, store, data.path(), options).await;
 
@@ -1451,5 +1471,192 @@ async fn point_in_time_questions_answer_from_the_history() {
     assert_eq!(state.objects.len(), 1);
     assert_eq!(state.models[0].state, ModelState::Enforcing as i32);
     assert_eq!(state.models[0].state_since_unix_nanos, T0 + 60 * S);
+    service.stop().await;
+}
+
+/// A store dump: table and entry.
+type Dump = Vec<(&'static str, cnnf_store::Entry)>;
+
+/// The store's entries of `table`.
+fn entries_of(dump: &Dump, table: &str) -> Vec<cnnf_store::Entry> {
+    dump.iter()
+        .filter(|(name, _)| *name == table)
+        .map(|(_, entry)| entry.clone())
+        .collect()
+}
+
+/// The number of an audit from its id `audit:CNNF_FLOWS:<seq>:<part>`.
+fn number_of(audit: &Audit) -> AuditNumber {
+    let mut parts = audit.audit_id.rsplitn(3, ':');
+    let part = parts.next().unwrap().parse().unwrap();
+    let sequence = parts.next().unwrap().parse().unwrap();
+    AuditNumber { sequence, part }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_removes_old_audits_with_their_index_entries_and_nothing_else() {
+    let server = NatsServer::start().await;
+    let js = connect(&server).await;
+    let data = tempfile::tempdir().unwrap();
+    let store = open_store(&data.path().join("store"));
+    let service = Service::start(&server, Arc::clone(&store), data.path(), RunOptions::default()).await;
+
+    // Three hours ago (beyond a retention of one hour): web -> db:22
+    // alerted twice (one audit, count 2) on n1, api -> evil:443 prevented
+    // on n2, and a workload start (address history, which retention keeps).
+    // Two minutes ago: web -> db:23 alerted on n1.
+    let recent = recent_base();
+    let old = recent - 3 * 3600 * S;
+    let web_db = |port: u32, time: i64| {
+        decision(
+            (image(WEB), WEB_IP),
+            (image(DB), DB_IP),
+            port,
+            Verdict::Alert,
+            by_rule("r1"),
+            time,
+            1,
+        )
+    };
+    publish_decisions(&js, "n1", 1, old + S, vec![web_db(22, old + S)]).await;
+    let api_evil = decision(
+        (image(API), API_IP),
+        (unknown(), EVIL_IP),
+        443,
+        Verdict::Prevent,
+        by_mode(),
+        old + 2 * S,
+        1,
+    );
+    publish_decisions(&js, "n2", 1, old + 2 * S, vec![api_evil]).await;
+    publish_decisions(&js, "n1", 2, old + 3 * S, vec![web_db(22, old + 3 * S)]).await;
+    let started = Payload::WorkloadStarted(WorkloadStarted {
+        workload: Some(workload("c1", WEB, WEB_IP)),
+    });
+    publish(&js, "cnnf.workload.c.n1", envelope("n1", "w1", old, started)).await;
+    publish_decisions(&js, "n1", 3, recent + S, vec![web_db(23, recent + S)]).await;
+    service.caught_up(&js).await;
+    eventually("the outbox drained", || async {
+        store
+            .scan_prefix(store::OUTBOX, b"", 1)
+            .unwrap()
+            .is_empty()
+            .then_some(())
+    })
+    .await;
+    let all = service.list(0, 0, AuditFilter::default(), 100).await;
+    assert_eq!(all.len(), 3, "kept under the default retention: {all:#?}");
+    let (expired, kept): (Vec<_>, Vec<_>) = all.iter().partition(|audit| audit.first_seen_unix_nanos < recent);
+    assert_eq!(expired.len(), 2);
+    assert_eq!(expired[0].count, 2);
+    let store = service.stop().await;
+    let before = cnnf_store::dump(store.as_ref()).unwrap();
+
+    // What retention must remove: the two records, every index entry of
+    // them (7 for web -> db: time, node, verdict, rule, cluster, two images;
+    // 6 for api -> evil: one image), and the dedup keys of their window.
+    let mut removed: Dump = Vec::new();
+    for audit in &expired {
+        let number = number_of(audit);
+        let record = store.get(store::RECORDS, &number.encode()).unwrap().unwrap();
+        removed.push((store::RECORDS, (number.encode().to_vec(), record)));
+        for key in cnnf_audit::index::entries(audit, audit.first_seen_unix_nanos, number) {
+            removed.push((store::INDEX, (key, Vec::new())));
+        }
+    }
+    assert_eq!(removed.len(), 2 + 7 + 6);
+    let recent_window = store::time_bytes(recent.div_euclid(10 * S));
+    let old_keys: Vec<_> = entries_of(&before, store::KEYS)
+        .into_iter()
+        .filter(|(key, _)| key[..8] < recent_window[..])
+        .collect();
+    assert_eq!(old_keys.len(), 2);
+    removed.extend(old_keys.into_iter().map(|entry| (store::KEYS, entry)));
+    let expected: Vec<_> = before
+        .iter()
+        .filter(|entry| !removed.contains(entry))
+        .cloned()
+        .collect();
+    assert_eq!(expected.len(), before.len() - removed.len(), "every removal was stored");
+
+    // Again with a retention of one hour, sweeping every 100 ms.
+    let options = RunOptions {
+        retention_sweep_interval: Some(Duration::from_millis(100)),
+        ..Default::default()
+    };
+    let service = Service::start_with(&server, store, data.path(), options, &["--retention-hours", "1"]).await;
+    eventually("the sweep to remove exactly the expired audits", || async {
+        (cnnf_store::dump(service.store.as_ref()).unwrap() == expected).then_some(())
+    })
+    .await;
+    let ids = |audits: &[Audit]| audits.iter().map(|a| a.audit_id.clone()).collect::<Vec<_>>();
+    let kept_ids = vec![kept[0].audit_id.clone()];
+    assert_eq!(ids(&service.list(0, 0, AuditFilter::default(), 100).await), kept_ids);
+    for filter in [
+        AuditFilter {
+            node: "n2".into(),
+            ..Default::default()
+        },
+        AuditFilter {
+            image_id: API.into(),
+            ..Default::default()
+        },
+        AuditFilter {
+            verdict: Verdict::Prevent as i32,
+            ..Default::default()
+        },
+    ] {
+        assert!(service.list(0, 0, filter, 100).await.is_empty());
+    }
+    let by_rule = AuditFilter {
+        decided_by: "rule:r1".into(),
+        ..Default::default()
+    };
+    assert_eq!(ids(&service.list(0, 0, by_rule, 1).await), kept_ids);
+    assert!(service
+        .list(old, old + 60 * S, AuditFilter::default(), 100)
+        .await
+        .is_empty());
+    let mut client = service.client().await;
+    let holders = client
+        .who_held(WhoHeldRequest {
+            address: WEB_IP.into(),
+            at_unix_nanos: old + S,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .holdings;
+    assert_eq!(holders.len(), 1, "address history is not audits: it stays");
+
+    // A decision older than the retention that arrives late is audited and
+    // published like any other (its window's dedup key is gone, so it opens
+    // a new audit), then the next sweep removes it.
+    publish_decisions(&js, "n1", 4, old + 4 * S, vec![web_db(22, old + 4 * S)]).await;
+    let late = last_sequence(&js, FLOWS).await;
+    service.caught_up(&js).await;
+    let late_id = format!("audit:CNNF_FLOWS:{late}:0");
+    eventually("the late audit published", || async {
+        read_all(&js, AUDIT)
+            .await
+            .iter()
+            .any(|(_, id, _)| *id == late_id)
+            .then_some(())
+    })
+    .await;
+    eventually("the late audit removed", || async {
+        let late_number = AuditNumber {
+            sequence: late,
+            part: 0,
+        };
+        service
+            .store
+            .get(store::RECORDS, &late_number.encode())
+            .unwrap()
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    assert_eq!(ids(&service.list(0, 0, AuditFilter::default(), 100).await), kept_ids);
     service.stop().await;
 }
