@@ -9,6 +9,8 @@
 
 #![forbid(unsafe_code)]
 
+pub mod results;
+
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use cnnf_proto::v1::{

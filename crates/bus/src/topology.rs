@@ -26,6 +26,12 @@ pub const INCIDENTS: &str = "CNNF_INCIDENTS";
 pub const DEAD_LETTER: &str = "CNNF_DEADLETTER";
 /// KV bucket of compiled verdict tables, one key per cluster/node.
 pub const VERDICTS_BUCKET: &str = "cnnf-verdicts";
+/// Most consumers on the verdict bucket's stream. Every agent watches its
+/// table with one ordered consumer, and nats-server caps a stream that sets
+/// no limit at 1,000 consumers: a fleet of more nodes would leave agents
+/// without tables. Set explicitly so the fleet size, not a server default,
+/// is the limit.
+pub const VERDICTS_MAX_CONSUMERS: i32 = 100_000;
 /// KV bucket of the current address → identity map.
 pub const IDENTITIES_BUCKET: &str = "cnnf-identities";
 
@@ -255,6 +261,28 @@ pub async fn ensure(js: &jetstream::Context, config: &TopologyConfig) -> Result<
                     .map_err(|error| bucket_error(error.to_string()))?;
             }
         }
+    }
+    // `kv::Config` has no consumer limit: set it on the bucket's stream.
+    let name = format!("KV_{VERDICTS_BUCKET}");
+    let stream_error = |message: String| TopologyError::Stream {
+        name: name.clone(),
+        message,
+    };
+    let mut stream = js
+        .get_stream(&name)
+        .await
+        .map_err(|error| stream_error(error.to_string()))?;
+    let mut current = stream
+        .info()
+        .await
+        .map_err(|error| stream_error(error.to_string()))?
+        .config
+        .clone();
+    if current.max_consumers != VERDICTS_MAX_CONSUMERS {
+        current.max_consumers = VERDICTS_MAX_CONSUMERS;
+        js.update_stream(current)
+            .await
+            .map_err(|error| stream_error(error.to_string()))?;
     }
     Ok(())
 }

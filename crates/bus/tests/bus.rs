@@ -439,3 +439,31 @@ async fn declaring_the_topology_is_idempotent_and_repairs_drift() {
     let mut flows = js.get_stream(cnnf_bus::topology::FLOWS).await.unwrap();
     assert_eq!(flows.info().await.unwrap().config.max_age, config.flows_max_age);
 }
+
+#[tokio::test]
+async fn more_than_a_thousand_agents_can_watch_the_verdict_tables() {
+    let server = NatsServer::start().await;
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let js = jetstream::new(client);
+    let config = cnnf_bus::TopologyConfig::default();
+    cnnf_bus::topology::ensure(&js, &config).await.unwrap();
+    let mut stream = js
+        .get_stream(format!("KV_{}", cnnf_bus::topology::VERDICTS_BUCKET))
+        .await
+        .unwrap();
+    assert_eq!(
+        stream.info().await.unwrap().config.max_consumers,
+        cnnf_bus::topology::VERDICTS_MAX_CONSUMERS
+    );
+    // One ordered consumer per agent, as agents watch their table.
+    let store = js.get_key_value(cnnf_bus::topology::VERDICTS_BUCKET).await.unwrap();
+    let mut watches = Vec::new();
+    for node in 0..1100 {
+        let watch = store
+            .watch_with_history(format!("local.node-{node}"))
+            .await
+            .unwrap_or_else(|error| panic!("watch {node}: {error}"));
+        watches.push(watch);
+    }
+    assert_eq!(stream.info().await.unwrap().state.consumer_count, 1100);
+}

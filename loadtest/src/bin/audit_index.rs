@@ -11,13 +11,21 @@
 //!    time), `--per-message` per decision message, folded by
 //!    `cnnf_audit::FlowsProjection` (dedup lookup, port-scan state, audit
 //!    record, seven index entries, outbox) in store writes of
-//!    `--batch` messages, as the projection runner commits them. NATS is not
-//!    involved: this measures the fold and the index alone.
+//!    `--batch` messages, as the projection runner commits them. After each
+//!    write the outbox is emptied as the service's drainer does (timed on
+//!    its own), so the store holds what a running service keeps. NATS is
+//!    not involved: this measures the fold and the index alone. The size of
+//!    the store on disk is printed at the end of the phase.
 //! 2. baseline: the same number of encoded audits written with plain
 //!    RocksDB puts (one key each, same batch size), into a fresh database.
 //! 3. query: `--queries` `ListAudits` pages (100 audits) per filter (none,
 //!    node, verdict, rule, image) over a random 5-minute range, with the
 //!    store holding every audit; p50 and p99 latency.
+//!
+//! `--tuned` runs all three against RocksDB opened with options the
+//! projection store does not set today (LZ4 compression, bloom filters,
+//! 128 MiB write buffers), through a store defined here for the purpose,
+//! to measure what those options would change.
 
 use std::time::{Duration, Instant};
 
@@ -54,6 +62,14 @@ struct Args {
     /// Directory for the two databases (default: a temporary directory).
     #[arg(long)]
     dir: Option<std::path::PathBuf>,
+    /// Use RocksDB with LZ4, bloom filters and larger write buffers (for
+    /// the fold's store and the baseline alike) instead of the projection
+    /// store's defaults.
+    #[arg(long)]
+    tuned: bool,
+    /// Also write the figures to this file as JSON.
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
 }
 
 const S: i64 = 1_000_000_000;
@@ -123,6 +139,105 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[rank.min(sorted.len() - 1)]
 }
 
+/// Column family options of `--tuned`.
+fn tuned_options() -> rocksdb::Options {
+    let mut options = rocksdb::Options::default();
+    options.set_compression_type(rocksdb::DBCompressionType::Lz4);
+    options.set_write_buffer_size(128 << 20);
+    let mut table = rocksdb::BlockBasedOptions::default();
+    table.set_bloom_filter(10.0, false);
+    options.set_block_based_table_factory(&table);
+    options
+}
+
+/// The projection store of `--tuned`: [`RocksStore`]'s behaviour with
+/// [`tuned_options`] on every table.
+struct TunedStore {
+    db: rocksdb::DB,
+    tables: Vec<&'static str>,
+}
+
+impl TunedStore {
+    fn open(path: &std::path::Path, tables: &[&'static str]) -> anyhow::Result<Self> {
+        let mut all = vec![cnnf_store::META_TABLE];
+        all.extend_from_slice(tables);
+        let mut options = tuned_options();
+        options.create_if_missing(true);
+        options.create_missing_column_families(true);
+        options.increase_parallelism(2);
+        let descriptors = all
+            .iter()
+            .map(|name| rocksdb::ColumnFamilyDescriptor::new(*name, tuned_options()));
+        let db = rocksdb::DB::open_cf_descriptors(&options, path, descriptors)?;
+        Ok(Self { db, tables: all })
+    }
+
+    fn cf(&self, table: &'static str) -> cnnf_store::Result<&rocksdb::ColumnFamily> {
+        self.db
+            .cf_handle(table)
+            .ok_or_else(|| cnnf_store::StoreError::UnknownTable(table.to_owned()))
+    }
+}
+
+fn engine(error: rocksdb::Error) -> cnnf_store::StoreError {
+    cnnf_store::StoreError::Engine(error.into_string())
+}
+
+impl ProjectionStore for TunedStore {
+    fn get(&self, table: &'static str, key: &[u8]) -> cnnf_store::Result<Option<Vec<u8>>> {
+        self.db.get_cf(self.cf(table)?, key).map_err(engine)
+    }
+
+    fn scan_prefix(
+        &self,
+        table: &'static str,
+        prefix: &[u8],
+        limit: usize,
+    ) -> cnnf_store::Result<Vec<cnnf_store::Entry>> {
+        let mode = rocksdb::IteratorMode::From(prefix, rocksdb::Direction::Forward);
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(self.cf(table)?, mode) {
+            let (key, value) = item.map_err(engine)?;
+            if out.len() >= limit || !key.starts_with(prefix) {
+                break;
+            }
+            out.push((key.into_vec(), value.into_vec()));
+        }
+        Ok(out)
+    }
+
+    fn write(&self, batch: cnnf_store::WriteBatch) -> cnnf_store::Result<()> {
+        let mut rocks = rocksdb::WriteBatch::default();
+        for op in batch.ops() {
+            match op {
+                cnnf_store::Op::Put { table, key, value } => rocks.put_cf(self.cf(table)?, key, value),
+                cnnf_store::Op::Delete { table, key } => rocks.delete_cf(self.cf(table)?, key),
+            }
+        }
+        self.db.write(rocks).map_err(engine)
+    }
+
+    fn tables(&self) -> Vec<&'static str> {
+        self.tables.clone()
+    }
+}
+
+/// Bytes of the files under `dir`.
+fn disk_bytes(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|entry| match entry.metadata() {
+                    Ok(meta) if meta.is_dir() => disk_bytes(&entry.path()),
+                    Ok(meta) => meta.len(),
+                    Err(_) => 0,
+                })
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let scratch = tempfile::tempdir()?;
@@ -130,12 +245,18 @@ fn main() -> anyhow::Result<()> {
     let messages = args.audits.div_ceil(args.per_message);
 
     // 1. The fold and the index.
-    let store = RocksStore::open(&dir.join("audit"), cnnf_audit::store::TABLES)?;
-    let mut projection = FlowsProjection::open(&store, AuditSettings::default())?;
+    let store: Box<dyn ProjectionStore> = if args.tuned {
+        Box::new(TunedStore::open(&dir.join("audit"), cnnf_audit::store::TABLES)?)
+    } else {
+        Box::new(RocksStore::open(&dir.join("audit"), cnnf_audit::store::TABLES)?)
+    };
+    let store = store.as_ref();
+    let mut projection = FlowsProjection::open(store, AuditSettings::default())?;
     let started = Instant::now();
+    let mut drained = Duration::ZERO;
     let mut message = 0u64;
     while message < messages {
-        let mut txn = Txn::new(&store);
+        let mut txn = Txn::new(store);
         let end = (message + args.batch).min(messages);
         for m in message..end {
             let node = format!("node-{:04}", m % NODES);
@@ -164,6 +285,13 @@ fn main() -> anyhow::Result<()> {
                 .map_err(|error| anyhow::anyhow!("{error}"))?;
         }
         store.write(txn.into_batch())?;
+        let drain_started = Instant::now();
+        let mut done = cnnf_store::WriteBatch::new();
+        for (key, _) in store.scan_prefix(cnnf_audit::store::OUTBOX, b"", usize::MAX)? {
+            done.delete(cnnf_audit::store::OUTBOX, key);
+        }
+        store.write(done)?;
+        drained += drain_started.elapsed();
         message = end;
         if message.is_multiple_of(args.batch * 100) {
             eprintln!(
@@ -173,11 +301,19 @@ fn main() -> anyhow::Result<()> {
             );
         }
     }
-    let indexed = started.elapsed();
+    let indexed = started.elapsed().saturating_sub(drained);
     let index_rate = args.audits as f64 / indexed.as_secs_f64();
+    let store_bytes = disk_bytes(&dir.join("audit"));
 
     // 2. Plain RocksDB puts of the same audits.
-    let plain = rocksdb::DB::open_default(dir.join("plain"))?;
+    let plain = if args.tuned {
+        let mut options = tuned_options();
+        options.create_if_missing(true);
+        options.increase_parallelism(2);
+        rocksdb::DB::open(&options, dir.join("plain"))?
+    } else {
+        rocksdb::DB::open_default(dir.join("plain"))?
+    };
     let started = Instant::now();
     let per_write = args.batch * args.per_message;
     let mut i = 0u64;
@@ -218,6 +354,21 @@ fn main() -> anyhow::Result<()> {
         plain_elapsed.as_secs_f64()
     );
     println!("ratio index/baseline: {:.2}", index_rate / plain_rate);
+    println!(
+        "outbox drain (scan + delete after each write, not in the rate): {:.1} s",
+        drained.as_secs_f64()
+    );
+    println!(
+        "store on disk after indexing: {:.2} GiB ({:.0} bytes per audit)",
+        store_bytes as f64 / f64::from(1u32 << 30),
+        store_bytes as f64 / args.audits.max(1) as f64
+    );
+    let mut results = cnnf_loadtest::results::Results::new("audit-index");
+    results.push(
+        cnnf_loadtest::results::Figure::higher("audits indexed (fold + index + outbox)", index_rate, "audits/s")
+            .baseline("plain RocksDB put, 1 key per audit", plain_rate)
+            .target("≥ 100k events/s"),
+    );
 
     // 3. Queries with every audit stored.
     let span = i64::try_from(args.span_hours).unwrap_or(24) * 3600 * S;
@@ -277,11 +428,16 @@ fn main() -> anyhow::Result<()> {
                 page_token: String::new(),
             };
             let started = Instant::now();
-            let page = index::list(&store, &query)?;
+            let page = index::list(store, &query)?;
             latencies.push(started.elapsed());
             returned += page.audits.len();
         }
         latencies.sort();
+        results.push(cnnf_loadtest::results::Figure::lower(
+            format!("ListAudits page, filter {name}, p99"),
+            percentile(&latencies, 0.99).as_secs_f64() * 1e3,
+            "ms",
+        ));
         println!(
             "  filter {name:<8} p50 {:>9.3} ms  p99 {:>9.3} ms  (mean {:.1} audits per page)",
             percentile(&latencies, 0.5).as_secs_f64() * 1e3,
@@ -289,5 +445,6 @@ fn main() -> anyhow::Result<()> {
             returned as f64 / args.queries as f64
         );
     }
+    results.write(args.json.as_deref())?;
     Ok(())
 }

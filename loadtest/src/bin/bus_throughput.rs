@@ -21,6 +21,7 @@ use bytes::Bytes;
 use clap::Parser;
 use cnnf_bus::runner::ApplyError;
 use cnnf_bus::{Event, OutgoingMessage, Projection, ProjectionRunner, Publisher, PublisherConfig, RunnerConfig};
+use cnnf_loadtest::results::{Figure, Results};
 use cnnf_proto::v1::{envelope::Payload, Envelope};
 use cnnf_store::{applied_sequence, ProjectionStore, Txn};
 use cnnf_store_rocksdb::RocksStore;
@@ -39,6 +40,9 @@ struct Args {
     /// Use this NATS server instead of starting one.
     #[arg(long)]
     nats_url: Option<String>,
+    /// Also write the figures to this file as JSON.
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
 }
 
 const EDGES: &str = "edges";
@@ -265,5 +269,29 @@ async fn main() -> anyhow::Result<()> {
         "plain JetStream pull + ack",
         cnnf_loadtest::rate(args.events, consume),
     );
+
+    let mut results = Results::new("bus-throughput");
+    let publish_rate = cnnf_loadtest::rate(args.events, cnnf);
+    let projection_rate = cnnf_loadtest::rate(args.events, projection);
+    results.push(
+        Figure::higher("publish (Publisher, dedup ids)", publish_rate, "events/s")
+            .baseline("plain JetStream publish", cnnf_loadtest::rate(args.events, raw)),
+    );
+    results.push(
+        Figure::higher("publish (Publisher, dedup ids)", publish_rate, "events/s").baseline(
+            "plain publish with Nats-Msg-Id",
+            cnnf_loadtest::rate(args.events, raw_ids),
+        ),
+    );
+    results.push(
+        Figure::higher("projection (runner -> RocksDB)", projection_rate, "events/s")
+            .baseline("plain RocksDB write batches", cnnf_loadtest::rate(args.events, rocks))
+            .target("≥ 100k events/s"),
+    );
+    results.push(
+        Figure::higher("projection (runner -> RocksDB)", projection_rate, "events/s")
+            .baseline("plain JetStream pull + ack", cnnf_loadtest::rate(args.events, consume)),
+    );
+    results.write(args.json.as_deref())?;
     Ok(())
 }

@@ -31,6 +31,7 @@ use cnnf_bus::runner::ApplyError;
 use cnnf_bus::topology::{IDENTITIES_BUCKET, WORKLOADS};
 use cnnf_bus::{Event, OutgoingMessage, Projection, ProjectionRunner, Publisher, PublisherConfig, RunnerConfig};
 use cnnf_ingest::WORKLOADS_DURABLE;
+use cnnf_loadtest::results::{Figure, Results};
 use cnnf_proto::v1::{envelope::Payload, Envelope, Workload, WorkloadStarted, WorkloadStopped};
 use cnnf_store::{applied_sequence, ProjectionStore, Txn};
 use cnnf_store_rocksdb::RocksStore;
@@ -58,6 +59,9 @@ struct Args {
     /// Use this NATS server instead of starting one.
     #[arg(long)]
     nats_url: Option<String>,
+    /// Also write the figures to this file as JSON.
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
 }
 
 const CLUSTER: &str = "bench";
@@ -239,9 +243,13 @@ fn latencies(keys: &[String], sent: &[Instant], seen: &HashMap<String, Instant>)
     Ok(out)
 }
 
-fn report_latency(what: &str, cnnf: &[Duration], baseline_name: &str, baseline: &[Duration]) {
+fn report_latency(results: &mut Results, what: &str, cnnf: &[Duration], baseline_name: &str, baseline: &[Duration]) {
     for (label, p) in [("p50", 0.50), ("p99", 0.99)] {
         let (ours, theirs) = (percentile(cnnf, p), percentile(baseline, p));
+        results.push(
+            Figure::lower(format!("{what} {label}"), ours.as_secs_f64() * 1e3, "ms")
+                .baseline(format!("{baseline_name} {label}"), theirs.as_secs_f64() * 1e3),
+        );
         println!(
             "{what:<34} {label} {:>8.2} ms   {baseline_name:<30} {label} {:>8.2} ms   ratio {:.2}",
             ours.as_secs_f64() * 1e3,
@@ -366,6 +374,24 @@ async fn main() -> anyhow::Result<()> {
     let raw = started.elapsed();
     let _ = stop_counting.send(());
     counting_task.await??;
+    let mut results = Results::new("ingest-churn");
+    results.push(
+        Figure::higher(
+            "churn absorbed (registry applied)",
+            cnnf_loadtest::rate(events, absorbed),
+            "events/s",
+        )
+        .baseline("counting projection (runner)", cnnf_loadtest::rate(events, raw))
+        .target("≥ 100k events/s"),
+    );
+    results.push(
+        Figure::higher(
+            "churn absorbed (in the KV map)",
+            cnnf_loadtest::rate(events, in_kv),
+            "events/s",
+        )
+        .baseline("counting projection (runner)", cnnf_loadtest::rate(events, raw)),
+    );
     cnnf_loadtest::report(
         "churn absorbed (registry applied)",
         cnnf_loadtest::rate(events, absorbed),
@@ -431,6 +457,7 @@ async fn main() -> anyhow::Result<()> {
     }
     let baseline = latencies(&kv_keys, &sent, &watcher.await?)?;
     report_latency(
+        &mut results,
         "started -> address in KV watch",
         &cnnf,
         "plain KV put -> KV watch",
@@ -441,5 +468,6 @@ async fn main() -> anyhow::Result<()> {
     ingest.await??;
     let live = cnnf_ingest::registry::kv_map(store.as_ref())?.len();
     println!("registry at the end: {live} addresses held");
+    results.write(args.json.as_deref())?;
     Ok(())
 }

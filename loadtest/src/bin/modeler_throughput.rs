@@ -31,6 +31,7 @@ use clap::Parser;
 use cnnf_bus::runner::ApplyError;
 use cnnf_bus::topology::WORKLOADS;
 use cnnf_bus::{Event, OutgoingMessage, Projection, ProjectionRunner, Publisher, PublisherConfig, RunnerConfig};
+use cnnf_loadtest::results::{Figure, Results};
 use cnnf_proto::v1::{
     envelope::Payload, ConnectionDecision, DecisionBatch, Direction, Endpoint, Envelope, Identity, IdentityKind, Mode,
     Protocol, Verdict, Workload, WorkloadStarted,
@@ -55,6 +56,9 @@ struct Args {
     /// Use this NATS server instead of starting one.
     #[arg(long)]
     nats_url: Option<String>,
+    /// Also write the figures to this file as JSON.
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
 }
 
 const CLUSTER: &str = "bench";
@@ -395,6 +399,36 @@ async fn main() -> anyhow::Result<()> {
         "counting projection (runner)",
         cnnf_loadtest::rate(messages, raw),
     );
+    let mut results = Results::new("modeler-throughput");
+    results.push(
+        Figure::higher(
+            "decisions into models (modeler)",
+            cnnf_loadtest::rate(decisions_total, learned),
+            "decisions/s",
+        )
+        .baseline(
+            "counting projection (runner)",
+            cnnf_loadtest::rate(decisions_total, raw),
+        )
+        .target("≥ 100k events/s"),
+    );
+    results.push(
+        Figure::higher(
+            "decision messages into models",
+            cnnf_loadtest::rate(messages, learned),
+            "messages/s",
+        )
+        .baseline("counting projection (runner)", cnnf_loadtest::rate(messages, raw)),
+    );
+    results.push(Figure::lower(
+        format!(
+            "modeler memory (VmRSS) with {} models, {learned_total} learned connections",
+            args.images
+        ),
+        rss_loaded as f64 / 1024.0,
+        "MiB",
+    ));
+    results.write(args.json.as_deref())?;
     println!(
         "memory: VmRSS {:.1} MiB after the load ({} models, {} learned connections); {:.1} MiB before the modeler started",
         rss_loaded as f64 / 1024.0,

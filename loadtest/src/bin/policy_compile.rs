@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use cnnf_core::eval::CompiledTable;
+use cnnf_loadtest::results::{Figure, Results};
 use cnnf_policy::compile::{self, ModelInput, Stamp};
 use cnnf_policy::policy::Policy;
 use cnnf_proto::v1::network_object::Kind as ObjectKind;
@@ -51,6 +52,9 @@ struct Args {
     /// Repetitions; the median is printed.
     #[arg(long, default_value_t = 3)]
     runs: usize,
+    /// Also write the figures to this file as JSON.
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
 }
 
 fn image_id(i: usize) -> String {
@@ -237,7 +241,35 @@ fn main() -> anyhow::Result<()> {
         ratio(compile_only, map_time)
     );
     println!("agent side: CompiledTable::build {build_time:.2?}");
+
+    let mut results = Results::new("policy-compile");
+    let what = format!(
+        "compile one node's table ({} identities, {} rules, {learned} learned connections)",
+        args.identities, args.rules
+    );
+    for (baseline, time) in [
+        ("protobuf encode of the table", encode_time),
+        ("protobuf decode of the table", decode_time),
+        ("HashMap of its learned connections", map_time),
+    ] {
+        results.push(Figure::lower(what.clone(), ms(compile_only), "ms").baseline(baseline, ms(time)));
+    }
+    results.push(Figure::lower(
+        "agent: CompiledTable::build of that table",
+        ms(build_time),
+        "ms",
+    ));
+    results.push(Figure::lower(
+        "encoded table size",
+        bytes.len() as f64 / 1048576.0,
+        "MiB",
+    ));
+    results.write(args.json.as_deref())?;
     Ok(())
+}
+
+fn ms(time: Duration) -> f64 {
+    time.as_secs_f64() * 1e3
 }
 
 fn ratio(a: Duration, b: Duration) -> f64 {
