@@ -523,7 +523,18 @@ async fn an_nmap_scan_through_the_agent_is_one_incident_and_a_bounded_number_of_
         "the scan's audit counts add up to its dropped SYNs"
     );
     let other_audits = &by_source[other_ip.as_str()];
-    assert_eq!(other_audits.len(), 2, "one audit per probed port: {other_audits:#?}");
+    // One audit per probed port and audit window: a retransmitted SYN that
+    // lands in the next window opens a second audit for its port.
+    let other_ports: std::collections::BTreeSet<u32> = other_audits
+        .iter()
+        .map(|audit| audit.destination.as_ref().unwrap().port)
+        .collect();
+    assert_eq!(
+        other_ports.len(),
+        2,
+        "per-port audits for the two probed ports: {other_audits:#?}"
+    );
+    assert!(other_audits.len() as u64 <= other_syns, "{other_audits:#?}");
     assert!(other_audits
         .iter()
         .all(|audit| audit.destination.as_ref().unwrap().port != 0));
