@@ -272,12 +272,11 @@ where
     }
 }
 
-async fn list_models(clients: &mut Clients) -> anyhow::Result<BTreeMap<String, ModelSummary>> {
+async fn list_models(client: &mut ModelsClient<Authed>) -> anyhow::Result<BTreeMap<String, ModelSummary>> {
     let mut models = BTreeMap::new();
     let mut page_token = String::new();
     loop {
-        let page = clients
-            .models
+        let page = client
             .list_models(ListModelsRequest {
                 page_size: 1000,
                 page_token: page_token.clone(),
@@ -316,15 +315,11 @@ async fn learn_and_lock(settings: &Settings, clients: &mut Clients) -> anyhow::R
     let expected = expected_outbound();
     let images = storefront_images();
     wait_for(settings, "every storefront image to learn its connections", || {
-        let mut clients = Clients {
-            models: clients.models.clone(),
-            policy: clients.policy.clone(),
-            audits: clients.audits.clone(),
-        };
+        let mut client = clients.models.clone();
         let expected = expected.clone();
         let images = images.clone();
         async move {
-            let models = list_models(&mut clients).await?;
+            let models = list_models(&mut client).await?;
             let learned = images.iter().all(|image| {
                 models.get(image).is_some_and(|model| {
                     let outbound = expected.get(image).map_or(0, BTreeSet::len) as u64;
@@ -348,14 +343,10 @@ async fn learn_and_lock(settings: &Settings, clients: &mut Clients) -> anyhow::R
             .with_context(|| format!("locking the model of {image}"))?;
     }
     wait_for(settings, "every storefront model to enforce", || {
-        let mut clients = Clients {
-            models: clients.models.clone(),
-            policy: clients.policy.clone(),
-            audits: clients.audits.clone(),
-        };
+        let mut client = clients.models.clone();
         let images = images.clone();
         async move {
-            let models = list_models(&mut clients).await?;
+            let models = list_models(&mut client).await?;
             let enforcing = images.iter().all(|image| {
                 models
                     .get(image)

@@ -8,6 +8,8 @@
 
 #![forbid(unsafe_code)]
 
+pub mod actor;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -72,7 +72,7 @@ fn answer<M: serde::Serialize>(result: Result<tonic::Response<M>, tonic::Status>
 fn request<M>(caller: &Caller, message: M) -> tonic::Request<M> {
     let mut request = tonic::Request::new(message);
     if let Ok(actor) = caller.name.parse() {
-        request.metadata_mut().insert("x-cnnf-actor", actor);
+        request.metadata_mut().insert(cnnf_service::actor::ACTOR_HEADER, actor);
     }
     request
 }

@@ -303,7 +303,7 @@ async fn grpc_proxy(gateway: Gateway, cn: ClientCn, request: Request) -> Respons
     parts.headers.remove(header::AUTHORIZATION);
     parts.headers.remove(header::HOST);
     if let Ok(actor) = HeaderValue::from_str(&caller.name) {
-        parts.headers.insert("x-cnnf-actor", actor);
+        parts.headers.insert(cnnf_service::actor::ACTOR_HEADER, actor);
     }
     tracing::debug!(message = "Forwarding gRPC call.", caller = %caller.name, %path, backend);
     match gateway

@@ -303,20 +303,6 @@ fn page<T>(
     Ok((out, String::new()))
 }
 
-/// Who is acting: the caller the operator gateway authenticated
-/// (`x-cnnf-actor`, which the gateway always overwrites) wins over the name
-/// the request body claims; a direct caller on the service's own address
-/// is trusted with its claim.
-fn acting<T>(request: &Request<T>, claimed: &str) -> String {
-    request
-        .metadata()
-        .get("x-cnnf-actor")
-        .and_then(|value| value.to_str().ok())
-        .filter(|name| !name.is_empty())
-        .unwrap_or(claimed)
-        .to_owned()
-}
-
 #[tonic::async_trait]
 impl Models for ModelsApi {
     async fn list_models(&self, request: Request<ListModelsRequest>) -> Result<Response<ListModelsResponse>, Status> {
@@ -380,7 +366,7 @@ impl Models for ModelsApi {
     }
 
     async fn command(&self, request: Request<ModelCommand>) -> Result<Response<ModelEvent>, Status> {
-        let actor = acting(&request, &request.get_ref().actor);
+        let actor = cnnf_service::actor::acting(&request, &request.get_ref().actor);
         let command = request.into_inner();
         let (change, id) = self.validate(&command)?;
         let actor = if actor.is_empty() {

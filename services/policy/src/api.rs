@@ -263,24 +263,10 @@ impl PolicyApi {
     }
 }
 
-/// Who is acting: the caller the operator gateway authenticated
-/// (`x-cnnf-actor`, which the gateway always overwrites) wins over the name
-/// the request body claims; a direct caller on the service's own address
-/// is trusted with its claim.
-fn acting<T>(request: &Request<T>, claimed: &str) -> String {
-    request
-        .metadata()
-        .get("x-cnnf-actor")
-        .and_then(|value| value.to_str().ok())
-        .filter(|name| !name.is_empty())
-        .unwrap_or(claimed)
-        .to_owned()
-}
-
 #[tonic::async_trait]
 impl PolicyService for PolicyApi {
     async fn apply(&self, request: Request<PolicyCommand>) -> Result<Response<PolicyCommandResult>, Status> {
-        let actor = acting(
+        let actor = cnnf_service::actor::acting(
             &request,
             request.get_ref().change.as_ref().map_or("", |event| &event.actor),
         );
@@ -346,7 +332,7 @@ impl PolicyService for PolicyApi {
     }
 
     async fn import(&self, request: Request<ImportRequest>) -> Result<Response<PolicyCommandResult>, Status> {
-        let actor = acting(&request, &request.get_ref().actor);
+        let actor = cnnf_service::actor::acting(&request, &request.get_ref().actor);
         let request = request.into_inner();
         let change = match document::parse(&request.document) {
             Ok(Parsed::Policy(imported)) => policy_event::Change::Imported(imported),
