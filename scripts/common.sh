@@ -118,7 +118,26 @@ ensure_web() {
   fi
 }
 
+# The shared target directory keeps every linked test and service binary of
+# every checkout that ever built into it (a clone at another path links its
+# own copies), about 150 MB each; left alone it fills the disk. When the
+# disk holding it runs short, drop linked executables not rebuilt in the
+# last day (then all of them): cargo relinks what it needs from the cached
+# libraries, and the RocksDB build is kept.
+prune_target() {
+  local deps="$CARGO_TARGET_DIR/release/deps" want_kb=$((30 * 1024 * 1024))
+  [ -d "$deps" ] || return 0
+  free_kb() { df -Pk "$deps" | awk 'NR==2 {print $4}'; }
+  [ "$(free_kb)" -ge "$want_kb" ] && return 0
+  say "disk short: pruning old linked executables from $deps"
+  find "$deps" -maxdepth 1 -type f -executable ! -name '*.so' -mtime +0 -delete
+  [ "$(free_kb)" -ge "$want_kb" ] && return 0
+  find "$deps" -maxdepth 1 -type f -executable ! -name '*.so' -delete
+  rm -rf "$CARGO_TARGET_DIR/release/incremental"
+}
+
 ensure_all() {
+  prune_target
   ensure_packages
   ensure_nats_server
   ensure_rust
