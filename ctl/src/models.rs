@@ -141,6 +141,14 @@ pub async fn models(ctx: &Ctx, cmd: ModelsCommand) -> Result<()> {
                     ("name", model.image_name.clone()),
                     ("state", show::model_state(model.state)),
                     ("containers", model.container_count.to_string()),
+                    (
+                        "namespaces",
+                        if model.namespaces.is_empty() {
+                            "-".to_owned()
+                        } else {
+                            model.namespaces.join(", ")
+                        },
+                    ),
                     ("inbound", model.inbound_count.to_string()),
                     ("outbound", model.outbound_count.to_string()),
                     ("learning ends", show::time(model.learning_ends_unix_nanos)),

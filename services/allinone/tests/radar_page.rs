@@ -6,7 +6,9 @@
 //! green port label, the alerted port yellow, the blocked port orange; the
 //! edge dialog shows the details and deletes the learned edge, which leaves
 //! the graph through the live stream without a reload; a viewer is refused
-//! and the edge stays. Screenshots are kept as test artifacts.
+//! and the edge stays; an operator rule is dotted; the namespace filter
+//! keeps a namespace's images and their direct peers. Screenshots are kept
+//! as test artifacts.
 //!
 //! Needs the page built and its tools installed (`ensure_web` in
 //! `scripts/common.sh`); without them the test fails saying so.
@@ -146,7 +148,15 @@ fn image(id: &str, name: &str) -> Identity {
     }
 }
 
-async fn start_container(js: &jetstream::Context, container: &str, image_id: &str, name: &str, address: &str) {
+/// Starts a container of `image_id` at `address` in Kubernetes namespace `namespace`.
+async fn start_container(
+    js: &jetstream::Context,
+    container: &str,
+    image_id: &str,
+    name: &str,
+    address: &str,
+    namespace: &str,
+) {
     let workload = Workload {
         container_id: container.into(),
         image_id: image_id.into(),
@@ -154,6 +164,7 @@ async fn start_container(js: &jetstream::Context, container: &str, image_id: &st
         addresses: vec![address.into()],
         cluster: CLUSTER.into(),
         node: NODE.into(),
+        namespace: namespace.into(),
         ..Default::default()
     };
     let payload = Payload::WorkloadStarted(WorkloadStarted {
@@ -222,6 +233,18 @@ async fn decide(
         payload,
     )
     .await;
+}
+
+/// Applies one policy change through the gateway's JSON API on top of
+/// `revision`; the policy's revision after it.
+async fn apply_policy(addr: &str, revision: &str, change: serde_json::Value) -> String {
+    let body = serde_json::json!({"expectedRevision": revision, "change": change});
+    let (status, answer) = http(addr, "POST", "/api/v1/Policy/Apply", ADMIN, &body.to_string()).await;
+    assert_eq!(status, 200, "{body}: {answer}");
+    answer["revision"]
+        .as_str()
+        .expect("the answer names the new revision")
+        .to_owned()
 }
 
 fn sha256_hex(token: &str) -> String {
@@ -311,15 +334,16 @@ async fn the_radar_page_shows_colours_deletes_a_learned_edge_live_and_refuses_a_
     let (status, me) = http(&gateway, "GET", "/api/v1/whoami", VIEWER, "").await;
     assert_eq!((status, me["role"].as_str()), (200, Some("viewer")));
 
-    // The fleet: web (2 containers) talks to db; cache; batch stays learning.
+    // The fleet: web (2 containers) talks to db, both in namespace shop;
+    // cache and batch in ops; batch stays learning.
     let js = cnnf_bus::jetstream(async_nats::connect(server.url()).await.unwrap());
     // The services declare the streams as they start; the test may be first.
     cnnf_bus::topology::ensure(&js, &Default::default()).await.unwrap();
-    start_container(&js, "web-1", WEB, "web:1.4", "10.9.0.1").await;
-    start_container(&js, "web-2", WEB, "web:1.4", "10.9.0.11").await;
-    start_container(&js, "db-1", DB, "postgres:16", "10.9.0.2").await;
-    start_container(&js, "cache-1", CACHE, "redis:7", "10.9.0.3").await;
-    start_container(&js, "batch-1", BATCH, "batch:2", "10.9.0.4").await;
+    start_container(&js, "web-1", WEB, "web:1.4", "10.9.0.1", "shop").await;
+    start_container(&js, "web-2", WEB, "web:1.4", "10.9.0.11", "shop").await;
+    start_container(&js, "db-1", DB, "postgres:16", "10.9.0.2", "shop").await;
+    start_container(&js, "cache-1", CACHE, "redis:7", "10.9.0.3", "ops").await;
+    start_container(&js, "batch-1", BATCH, "batch:2", "10.9.0.4", "ops").await;
     decide(
         &js,
         "learn",
@@ -378,11 +402,45 @@ async fn the_radar_page_shows_colours_deletes_a_learned_edge_live_and_refuses_a_
         format!("audit:image:{WEB}->image:{CACHE}"),
         format!("audit:image:{CACHE}->image:{DB}"),
     );
-    let graph = cnnf_testkit::eventually("the alerted and blocked edges", WAIT, || async {
+    cnnf_testkit::eventually("the alerted and blocked edges", WAIT, || async {
         let graph = radar(&gateway).await;
         let alerted = port_status(edge(&graph, &alerted_id)?, 6379)? == "alerted";
         let blocked = port_status(edge(&graph, &blocked_id)?, 22)? == "blocked";
-        (alerted && blocked).then_some(graph)
+        (alerted && blocked).then_some(())
+    })
+    .await;
+    // An operator rule: batch may reach the payments API subnet on 443.
+    let revision = apply_policy(
+        &gateway,
+        "0",
+        serde_json::json!({"objectPut": {"object": {"name": "batch", "kind": "KIND_IMAGE", "imageId": BATCH}}}),
+    )
+    .await;
+    let revision = apply_policy(
+        &gateway,
+        &revision,
+        serde_json::json!({"objectPut": {"object": {
+            "name": "payments-api", "kind": "KIND_SUBNET", "cidrs": ["10.20.0.0/16"]}}}),
+    )
+    .await;
+    apply_policy(
+        &gateway,
+        &revision,
+        serde_json::json!({"rulePut": {"rule": {
+            "id": "batch-to-payments", "source": "batch", "effect": "RULE_EFFECT_ALERT",
+            "destinations": [{"object": "payments-api", "ports": [{"first": 443, "last": 443}],
+                              "protocol": "PROTOCOL_TCP"}]}}}),
+    )
+    .await;
+    let rule_id = "rule:batch-to-payments:payments-api";
+    let graph = cnnf_testkit::eventually("the rule edge and the namespaces", WAIT, || async {
+        let graph = radar(&gateway).await;
+        let rule = edge(&graph, rule_id)?;
+        let namespaces_known = graph["nodes"]
+            .as_array()?
+            .iter()
+            .any(|n| n["id"] == format!("image:{BATCH}") && n["namespaces"] == serde_json::json!(["ops"]));
+        (rule["source"] == format!("image:{BATCH}") && namespaces_known).then_some(graph)
     })
     .await;
     let state_of = |id: &str| {
@@ -415,6 +473,11 @@ async fn the_radar_page_shows_colours_deletes_a_learned_edge_live_and_refuses_a_
         .env("LEARNED_EDGE", &learned_id)
         .env("ALERTED_EDGE", &alerted_id)
         .env("BLOCKED_EDGE", &blocked_id)
+        .env("RULE_EDGE", rule_id)
+        // After the learned edge is deleted, shop is web and db, with cache,
+        // which talks to both; batch and the payments API are left out.
+        .env("NAMESPACE", "shop")
+        .env("NAMESPACE_NODES", format!("image:{WEB},image:{DB},image:{CACHE}"))
         .output()
         .await
         .expect("node runs (install Node.js 20.19 or newer)");

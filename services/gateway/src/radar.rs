@@ -158,7 +158,7 @@ pub struct RadarQuery {
     pub view: Option<String>,
     /// Only nodes of this cluster.
     pub cluster: Option<String>,
-    /// Only nodes in this namespace.
+    /// Only nodes running in this namespace, with their direct peers.
     pub namespace: Option<String>,
     /// Only nodes whose name or id contains this (case-insensitive), with their neighbours.
     pub search: Option<String>,
@@ -348,6 +348,7 @@ pub fn assemble(sources: &Sources) -> Graph {
         if let Some(node) = b.nodes.get_mut(&id) {
             node.containers = model.container_count;
             node.state = state.to_owned();
+            node.namespaces = model.namespaces.clone();
         }
         states.insert(model.image_id.clone(), state);
     }
@@ -507,8 +508,10 @@ pub fn assemble(sources: &Sources) -> Graph {
 #[error("view must be `container` or `host`, got {0:?}")]
 pub struct BadView(String);
 
-/// Keeps what a query asks for: the view's node kinds, a cluster, a
-/// namespace, and nodes matching a search with their direct neighbours.
+/// Keeps what a query asks for: the view's node kinds and a cluster; then,
+/// for a namespace, the nodes running in it with their direct peers (who
+/// talks to the namespace is what an operator looks for); then, for a
+/// search, the matching nodes with their direct neighbours.
 pub fn filter(graph: &Graph, query: &RadarQuery) -> Result<Graph, BadView> {
     let host = match query.view.as_deref() {
         None | Some("" | "container") => false,
@@ -526,27 +529,26 @@ pub fn filter(graph: &Graph, query: &RadarQuery) -> Result<Graph, BadView> {
         .iter()
         .filter(|n| if host { n.kind != "image" } else { n.kind != "host_app" })
         .filter(|n| cluster.as_ref().is_none_or(|c| &n.cluster == c))
-        .filter(|n| namespace.as_ref().is_none_or(|ns| n.namespaces.contains(ns)))
         .map(|n| n.id.as_str())
         .collect();
+    if let Some(namespace) = &namespace {
+        let members = graph
+            .nodes
+            .iter()
+            .filter(|n| keep.contains(n.id.as_str()) && n.namespaces.contains(namespace))
+            .map(|n| n.id.as_str())
+            .collect();
+        keep = with_neighbours(graph, members, &keep);
+    }
     if let Some(search) = &search {
-        let hits: BTreeSet<&str> = graph
+        let hits = graph
             .nodes
             .iter()
             .filter(|n| keep.contains(n.id.as_str()))
             .filter(|n| n.name.to_lowercase().contains(search) || n.id.to_lowercase().contains(search))
             .map(|n| n.id.as_str())
             .collect();
-        let mut with_neighbours = hits.clone();
-        for edge in &graph.edges {
-            if hits.contains(edge.source.as_str()) && keep.contains(edge.target.as_str()) {
-                with_neighbours.insert(&edge.target);
-            }
-            if hits.contains(edge.target.as_str()) && keep.contains(edge.source.as_str()) {
-                with_neighbours.insert(&edge.source);
-            }
-        }
-        keep = with_neighbours;
+        keep = with_neighbours(graph, hits, &keep);
     }
     Ok(Graph {
         nodes: graph
@@ -563,6 +565,20 @@ pub fn filter(graph: &Graph, query: &RadarQuery) -> Result<Graph, BadView> {
             .collect(),
         warnings: graph.warnings.clone(),
     })
+}
+
+/// `hits` and the nodes of `within` one edge away from one of them.
+fn with_neighbours<'g>(graph: &'g Graph, hits: BTreeSet<&'g str>, within: &BTreeSet<&'g str>) -> BTreeSet<&'g str> {
+    let mut out = hits.clone();
+    for edge in &graph.edges {
+        if hits.contains(edge.source.as_str()) && within.contains(edge.target.as_str()) {
+            out.insert(&edge.target);
+        }
+        if hits.contains(edge.target.as_str()) && within.contains(edge.source.as_str()) {
+            out.insert(&edge.source);
+        }
+    }
+    out
 }
 
 impl Radar {
@@ -912,5 +928,75 @@ mod tests {
             }
         )
         .is_err());
+    }
+
+    #[test]
+    fn a_namespace_keeps_its_images_and_their_direct_peers() {
+        let model = |id: &str, namespaces: &[&str], peers: &[&str]| {
+            let summary = pb::ModelSummary {
+                image_id: id.into(),
+                image_name: format!("{id}-name"),
+                state: pb::ModelState::Learning as i32,
+                container_count: 1,
+                namespaces: namespaces.iter().map(|n| (*n).to_owned()).collect(),
+                ..Default::default()
+            };
+            let learned = peers
+                .iter()
+                .map(|peer| pb::LearnedConnection {
+                    side: pb::Side::Outbound as i32,
+                    peer: Some(image(peer)),
+                    port: 80,
+                    protocol: pb::Protocol::Tcp as i32,
+                    count: 1,
+                    ..Default::default()
+                })
+                .collect();
+            (summary, learned)
+        };
+        // web (shop) -> db (shop); cache (ops) -> db; batch (ops) -> queue (ops).
+        let sources = Sources {
+            models: vec![
+                model("web", &["shop"], &["db"]),
+                model("db", &["shop", "shared"], &[]),
+                model("cache", &["ops"], &["db"]),
+                model("batch", &["ops"], &["queue"]),
+                model("queue", &["ops"], &[]),
+            ],
+            ..Default::default()
+        };
+        let graph = assemble(&sources);
+        let in_namespace = |namespace: &str| {
+            let graph = filter(
+                &graph,
+                &RadarQuery {
+                    namespace: Some(namespace.into()),
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+            let nodes: Vec<String> = graph.nodes.iter().map(|n| n.id.clone()).collect();
+            (nodes, graph.edges.len())
+        };
+        assert_eq!(
+            in_namespace("shop"),
+            (vec!["image:cache".into(), "image:db".into(), "image:web".into()], 2),
+            "shop's images and cache, which talks to shop's db"
+        );
+        assert_eq!(
+            in_namespace("ops"),
+            (
+                vec![
+                    "image:batch".into(),
+                    "image:cache".into(),
+                    "image:db".into(),
+                    "image:queue".into()
+                ],
+                2
+            ),
+        );
+        assert_eq!(in_namespace("nowhere"), (vec![], 0));
+        let node = graph.nodes.iter().find(|n| n.id == "image:db").unwrap();
+        assert_eq!(node.namespaces, ["shop", "shared"]);
     }
 }

@@ -77,13 +77,11 @@ impl ModelsApi {
     }
 
     fn summary(&self, image_id: &str, record: &ModelRecord) -> Result<ModelSummary, Status> {
-        let containers = match self.store.get(store::IMAGES, image_id.as_bytes()).map_err(internal)? {
-            Some(bytes) => store::decode::<ImageRecord>("image", &bytes)
-                .map_err(internal)?
-                .containers
-                .len(),
-            None => 0,
+        let image = match self.store.get(store::IMAGES, image_id.as_bytes()).map_err(internal)? {
+            Some(bytes) => store::decode::<ImageRecord>("image", &bytes).map_err(internal)?,
+            None => ImageRecord::default(),
         };
+        let containers = image.containers.len();
         Ok(ModelSummary {
             image_id: image_id.to_owned(),
             image_name: record.image_name.clone(),
@@ -93,6 +91,7 @@ impl ModelsApi {
             outbound_count: record.outbound_count,
             learning_ends_unix_nanos: record.learning_ends_unix_nanos,
             revision: record.revision,
+            namespaces: image.running_namespaces(),
         })
     }
 

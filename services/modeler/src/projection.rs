@@ -161,11 +161,19 @@ impl Projection for WorkloadProjection {
                             image_name: workload.image_name.clone(),
                             first_seen_unix_nanos: time,
                             containers: Vec::new(),
+                            namespaces: Default::default(),
                         }
                     }
                 };
                 if let Err(at) = record.containers.binary_search(&workload.container_id) {
                     record.containers.insert(at, workload.container_id.clone());
+                }
+                if workload.namespace.is_empty() {
+                    record.namespaces.remove(&workload.container_id);
+                } else {
+                    record
+                        .namespaces
+                        .insert(workload.container_id.clone(), workload.namespace.clone());
                 }
                 txn.put(IMAGES, key.to_vec(), record.encode_to_vec());
                 txn.put(CONTAINERS, workload.container_id.as_bytes().to_vec(), key.to_vec());
@@ -214,6 +222,7 @@ fn remove_container(txn: &mut Txn<'_>, container: &str) -> Result<Option<String>
     if let Some(mut record) = read::<ImageRecord>(txn, IMAGES, &image)? {
         if let Ok(at) = record.containers.binary_search(&container.to_owned()) {
             record.containers.remove(at);
+            record.namespaces.remove(container);
             let dead = record.containers.is_empty();
             txn.put(IMAGES, image.clone(), record.encode_to_vec());
             if dead {

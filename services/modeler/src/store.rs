@@ -74,6 +74,18 @@ pub struct ImageRecord {
     /// Running containers, sorted, each once.
     #[prost(string, repeated, tag = "3")]
     pub containers: Vec<String>,
+    /// The Kubernetes namespace of each running container that has one
+    /// (container id to namespace); kept with `containers`.
+    #[prost(btree_map = "string, string", tag = "4")]
+    pub namespaces: std::collections::BTreeMap<String, String>,
+}
+
+impl ImageRecord {
+    /// The namespaces the image runs in now, sorted, each once.
+    pub fn running_namespaces(&self) -> Vec<String> {
+        let namespaces: std::collections::BTreeSet<&String> = self.namespaces.values().collect();
+        namespaces.into_iter().cloned().collect()
+    }
 }
 
 /// The state of one model, as the `CNNF_MODELS` log made it.

@@ -261,6 +261,11 @@ fn envelope(node: &str, id: String, time: i64, payload: Payload) -> Envelope {
 }
 
 async fn start_workload(js: &jetstream::Context, container: &str, image: &str, time: i64) {
+    start_workload_in(js, container, image, "", time).await;
+}
+
+/// Starts `container` of `image` in Kubernetes namespace `namespace` (none when empty).
+async fn start_workload_in(js: &jetstream::Context, container: &str, image: &str, namespace: &str, time: i64) {
     let workload = Workload {
         container_id: container.into(),
         image_id: image.into(),
@@ -268,6 +273,7 @@ async fn start_workload(js: &jetstream::Context, container: &str, image: &str, t
         addresses: vec!["10.0.0.1".into()],
         cluster: CLUSTER.into(),
         node: "n1".into(),
+        namespace: namespace.into(),
         ..Default::default()
     };
     let payload = Payload::WorkloadStarted(WorkloadStarted {
@@ -882,6 +888,42 @@ async fn the_learning_clock_counts_only_time_the_image_is_alive() {
         kinds,
         ["created", "liveness", "liveness", "liveness", "liveness", "locked"]
     );
+    modeler.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_images_namespaces_follow_its_running_containers_across_a_restart() {
+    let server = NatsServer::start().await;
+    let js = connect(&server).await;
+    let dir = tempfile::tempdir().unwrap();
+    let clock = TestClock::new(T0);
+    let modeler = Modeler::start(&server, open_store(dir.path()), &[], clock.options()).await;
+
+    start_workload_in(&js, "a1", A, "shop", T0).await;
+    start_workload_in(&js, "a2", A, "ops", T0 + S).await;
+    start_workload_in(&js, "a3", A, "", T0 + 2 * S).await;
+    start_workload_in(&js, "a4", A, "shop", T0 + 3 * S).await;
+    let a = modeler
+        .model_where("four containers", A, |m| m.container_count == 4)
+        .await;
+    assert_eq!(a.namespaces, ["ops", "shop"], "sorted, each once; none for a3");
+
+    stop_workload(&js, "a2", A, T0 + 4 * S).await;
+    stop_workload(&js, "a1", A, T0 + 5 * S).await;
+    let a = modeler
+        .model_where("two containers", A, |m| m.container_count == 2)
+        .await;
+    assert_eq!(a.namespaces, ["shop"], "a4 still runs in shop");
+
+    // Kept in the projection: a restart answers the same.
+    let store = modeler.stop().await;
+    let modeler = Modeler::start(&server, store, &[], clock.options()).await;
+    assert_eq!(modeler.model(A).await.unwrap().namespaces, ["shop"]);
+    stop_workload(&js, "a4", A, T0 + 6 * S).await;
+    let a = modeler
+        .model_where("one container", A, |m| m.container_count == 1)
+        .await;
+    assert!(a.namespaces.is_empty(), "{:?}", a.namespaces);
     modeler.stop().await;
 }
 

@@ -7,8 +7,12 @@
 //   ADMIN_TOKEN     a token of role admin (or operator)
 //   VIEWER_TOKEN    a token of role viewer
 //   SCREENSHOT_DIR  where the screenshots go
-//   LEARNED_EDGE, ALERTED_EDGE, BLOCKED_EDGE (optional) the edge ids to check;
-//                   without them the first edge of each kind or status is used.
+//   LEARNED_EDGE, ALERTED_EDGE, BLOCKED_EDGE, RULE_EDGE (optional) the edge
+//                   ids to check; without them the first edge of each kind or
+//                   status is used (and a rule edge may be absent).
+//   NAMESPACE, NAMESPACE_NODES (optional) a namespace to filter by and the
+//                   node ids (comma-separated) the filtered graph must hold
+//                   at the end of the run.
 // Exits 0 when every check passed; prints one line per check.
 
 import { mkdtempSync, mkdirSync, rmSync } from 'node:fs';
@@ -146,7 +150,12 @@ async function main() {
   check(blocked && blocked.status === 'blocked', 'a blocked connection is drawn', edges);
   check(normalise(blocked.labelColour) === COLOURS.orange, 'the blocked port label is orange', blocked);
   const rules = edges.filter((e) => e.kind === 'rule');
-  check(rules.every((e) => e.lineStyle === 'dotted'), 'rule edges (if any) are dotted', rules);
+  if (process.env.RULE_EDGE) {
+    const rule = edges.find((e) => e.id === process.env.RULE_EDGE);
+    check(rule && rule.kind === 'rule', 'the operator rule is drawn', edges);
+    check(rule.lineStyle === 'dotted', 'the rule edge is dotted', rule);
+  }
+  check(rules.every((e) => e.lineStyle === 'dotted'), 'every rule edge is dotted', rules);
 
   const badges = await admin.evaluate(() =>
     window.radar.nodes('[kind = "image"]').map((n) => ({
@@ -278,6 +287,29 @@ async function main() {
   await viewer.getByTestId('view-container').check();
   await viewer.waitForFunction(() => window.radar.nodes('[kind = "image"]').length > 0, null, { timeout: WAIT });
   check(true, 'the container view shows images again');
+
+  // ---- the namespace filter ---------------------------------------------------------
+  const namespace = process.env.NAMESPACE;
+  if (namespace) {
+    const expected = (process.env.NAMESPACE_NODES ?? '').split(',').filter(Boolean).sort();
+    const options = await viewer.evaluate(() => [...document.querySelector('[data-testid="filter-namespace"]').options].map((o) => o.value));
+    check(options.includes(namespace), `the namespace filter offers ${namespace}`, options);
+    const allNodes = await viewer.evaluate(() => window.radar.nodes().length);
+    await viewer.getByTestId('filter-namespace').selectOption(namespace);
+    await viewer.waitForFunction(
+      (want) => JSON.stringify(window.radar.nodes().map((n) => n.id()).sort()) === JSON.stringify(want),
+      expected,
+      { timeout: WAIT },
+    ).catch(async () => {
+      const drawn = await viewer.evaluate(() => window.radar.nodes().map((n) => n.id()).sort());
+      check(false, `namespace ${namespace} shows exactly its images and their direct peers`, { expected, drawn });
+    });
+    check(true, `namespace ${namespace} shows exactly its images and their direct peers`);
+    await viewer.screenshot({ path: join(SHOTS, 'namespace.png') });
+    await viewer.getByTestId('filter-namespace').selectOption('');
+    await viewer.waitForFunction((n) => window.radar.nodes().length === n, allNodes, { timeout: WAIT });
+    check(true, 'all namespaces again shows the whole graph');
+  }
 }
 
 let failed = 0;
