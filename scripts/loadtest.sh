@@ -261,16 +261,24 @@ def connect_latency(log):
 
 
 def syn_verdicts(log):
+    """Verdicts/s of the whole loop, and verdicts per CPU-second of the
+    verdict threads alone (the per-core figure the design's bar is about:
+    the flooder shares the cores)."""
     found = phases(log, None)
-    def rate(letter):
+    def rate(letter, pattern):
         if letter not in found:
             return None
-        m = re.match(r"\s*([\d.]+) verdicts/s", found[letter][1])
+        m = re.search(pattern, found[letter][1])
         return float(m.group(1)) if m else None
+    per_second, per_cpu = r"^\s*([\d.]+) verdicts/s", r"([\d.]+) per CPU-second"
     if "c" not in found:
         return []
-    return [figure(f"SYN verdicts/s ({found['c'][0]})", rate("c"), "verdicts/s", "higher",
-                   found["b"][0] if "b" in found else None, rate("b"), "≥ 200k per core")]
+    base = found["b"][0] if "b" in found else None
+    return [figure(f"SYN verdicts/s ({found['c'][0]})", rate("c", per_second), "verdicts/s", "higher",
+                   base, rate("b", per_second), "report it; beat the accept-all loop"),
+            figure(f"SYN verdicts per CPU-second of the verdict threads ({found['c'][0]})", rate("c", per_cpu),
+                   "verdicts/CPU-s", "higher", f"{base} per CPU-second" if base else None, rate("b", per_cpu),
+                   "≥ 200k per core")]
 
 
 PARSERS = {"envelope": envelope, "verdict-lookup": verdict_lookup, "connect-latency": connect_latency,

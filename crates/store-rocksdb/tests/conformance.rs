@@ -36,3 +36,57 @@ fn opening_adds_new_tables_and_keeps_old_data() {
     assert_eq!(store.get("alpha", b"k").unwrap(), Some(b"v".to_vec()));
     assert_eq!(store.get("beta", b"k").unwrap(), None);
 }
+
+/// Bytes of the table files (`*.sst`) under `dir`.
+fn table_file_bytes(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|entry| entry.ok())
+        .filter(|entry| entry.path().extension().is_some_and(|ext| ext == "sst"))
+        .map(|entry| entry.metadata().unwrap().len())
+        .sum()
+}
+
+#[test]
+fn table_files_are_compressed() {
+    // Records shaped like the projections: repeated identifiers and names.
+    let dir = tempfile::tempdir().unwrap();
+    let mut raw = 0u64;
+    {
+        let store = RocksStore::open(dir.path(), &["audits"]).unwrap();
+        for chunk in 0..20u32 {
+            let mut batch = cnnf_store::WriteBatch::new();
+            for i in 0..1_000u32 {
+                let n = chunk * 1_000 + i;
+                let key = format!("audit/{n:010}").into_bytes();
+                let value = format!(
+                    "cluster=prod node=node-{:03} source=sha256:{:064x} image=registry.example.com/shop/web:1.{} \
+                     destination=sha256:{:064x} image=registry.example.com/shop/db:16 port=5432 verdict=prevent \
+                     rule=model:sha256:{:064x} count={}",
+                    n % 50,
+                    n % 200,
+                    n % 7,
+                    n % 300,
+                    n % 200,
+                    n
+                )
+                .into_bytes();
+                raw += (key.len() + value.len()) as u64;
+                batch.put("audits", key, value);
+            }
+            store.write(batch).unwrap();
+        }
+    }
+    // Reopening replays the write-ahead log into table files.
+    let store = RocksStore::open(dir.path(), &["audits"]).unwrap();
+    assert_eq!(
+        store.scan_prefix("audits", b"audit/", usize::MAX).unwrap().len(),
+        20_000
+    );
+    let on_disk = table_file_bytes(dir.path());
+    assert!(on_disk > 0, "no table file written");
+    assert!(
+        on_disk * 3 < raw,
+        "table files hold {on_disk} bytes for {raw} bytes of records: not compressed"
+    );
+}

@@ -22,10 +22,9 @@
 //!    node, verdict, rule, image) over a random 5-minute range, with the
 //!    store holding every audit; p50 and p99 latency.
 //!
-//! `--tuned` runs all three against RocksDB opened with options the
-//! projection store does not set today (LZ4 compression, bloom filters,
-//! 128 MiB write buffers), through a store defined here for the purpose,
-//! to measure what those options would change.
+//! The baseline database gets the projection store's table options (LZ4
+//! compression, bloom filters, the block cache), so the ratio is the cost
+//! of the fold and the index, not of different RocksDB settings.
 
 use std::time::{Duration, Instant};
 
@@ -62,11 +61,6 @@ struct Args {
     /// Directory for the two databases (default: a temporary directory).
     #[arg(long)]
     dir: Option<std::path::PathBuf>,
-    /// Use RocksDB with LZ4, bloom filters and larger write buffers (for
-    /// the fold's store and the baseline alike) instead of the projection
-    /// store's defaults.
-    #[arg(long)]
-    tuned: bool,
     /// Also write the figures to this file as JSON.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
@@ -139,89 +133,6 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[rank.min(sorted.len() - 1)]
 }
 
-/// Column family options of `--tuned`.
-fn tuned_options() -> rocksdb::Options {
-    let mut options = rocksdb::Options::default();
-    options.set_compression_type(rocksdb::DBCompressionType::Lz4);
-    options.set_write_buffer_size(128 << 20);
-    let mut table = rocksdb::BlockBasedOptions::default();
-    table.set_bloom_filter(10.0, false);
-    options.set_block_based_table_factory(&table);
-    options
-}
-
-/// The projection store of `--tuned`: [`RocksStore`]'s behaviour with
-/// [`tuned_options`] on every table.
-struct TunedStore {
-    db: rocksdb::DB,
-    tables: Vec<&'static str>,
-}
-
-impl TunedStore {
-    fn open(path: &std::path::Path, tables: &[&'static str]) -> anyhow::Result<Self> {
-        let mut all = vec![cnnf_store::META_TABLE];
-        all.extend_from_slice(tables);
-        let mut options = tuned_options();
-        options.create_if_missing(true);
-        options.create_missing_column_families(true);
-        options.increase_parallelism(2);
-        let descriptors = all
-            .iter()
-            .map(|name| rocksdb::ColumnFamilyDescriptor::new(*name, tuned_options()));
-        let db = rocksdb::DB::open_cf_descriptors(&options, path, descriptors)?;
-        Ok(Self { db, tables: all })
-    }
-
-    fn cf(&self, table: &'static str) -> cnnf_store::Result<&rocksdb::ColumnFamily> {
-        self.db
-            .cf_handle(table)
-            .ok_or_else(|| cnnf_store::StoreError::UnknownTable(table.to_owned()))
-    }
-}
-
-fn engine(error: rocksdb::Error) -> cnnf_store::StoreError {
-    cnnf_store::StoreError::Engine(error.into_string())
-}
-
-impl ProjectionStore for TunedStore {
-    fn get(&self, table: &'static str, key: &[u8]) -> cnnf_store::Result<Option<Vec<u8>>> {
-        self.db.get_cf(self.cf(table)?, key).map_err(engine)
-    }
-
-    fn scan_prefix(
-        &self,
-        table: &'static str,
-        prefix: &[u8],
-        limit: usize,
-    ) -> cnnf_store::Result<Vec<cnnf_store::Entry>> {
-        let mode = rocksdb::IteratorMode::From(prefix, rocksdb::Direction::Forward);
-        let mut out = Vec::new();
-        for item in self.db.iterator_cf(self.cf(table)?, mode) {
-            let (key, value) = item.map_err(engine)?;
-            if out.len() >= limit || !key.starts_with(prefix) {
-                break;
-            }
-            out.push((key.into_vec(), value.into_vec()));
-        }
-        Ok(out)
-    }
-
-    fn write(&self, batch: cnnf_store::WriteBatch) -> cnnf_store::Result<()> {
-        let mut rocks = rocksdb::WriteBatch::default();
-        for op in batch.ops() {
-            match op {
-                cnnf_store::Op::Put { table, key, value } => rocks.put_cf(self.cf(table)?, key, value),
-                cnnf_store::Op::Delete { table, key } => rocks.delete_cf(self.cf(table)?, key),
-            }
-        }
-        self.db.write(rocks).map_err(engine)
-    }
-
-    fn tables(&self) -> Vec<&'static str> {
-        self.tables.clone()
-    }
-}
-
 /// Bytes of the files under `dir`.
 fn disk_bytes(dir: &std::path::Path) -> u64 {
     std::fs::read_dir(dir)
@@ -245,12 +156,8 @@ fn main() -> anyhow::Result<()> {
     let messages = args.audits.div_ceil(args.per_message);
 
     // 1. The fold and the index.
-    let store: Box<dyn ProjectionStore> = if args.tuned {
-        Box::new(TunedStore::open(&dir.join("audit"), cnnf_audit::store::TABLES)?)
-    } else {
-        Box::new(RocksStore::open(&dir.join("audit"), cnnf_audit::store::TABLES)?)
-    };
-    let store = store.as_ref();
+    let store = RocksStore::open(&dir.join("audit"), cnnf_audit::store::TABLES)?;
+    let store: &dyn ProjectionStore = &store;
     let mut projection = FlowsProjection::open(store, AuditSettings::default())?;
     let started = Instant::now();
     let mut drained = Duration::ZERO;
@@ -306,13 +213,12 @@ fn main() -> anyhow::Result<()> {
     let store_bytes = disk_bytes(&dir.join("audit"));
 
     // 2. Plain RocksDB puts of the same audits.
-    let plain = if args.tuned {
-        let mut options = tuned_options();
+    let plain = {
+        let cache = rocksdb::Cache::new_lru_cache(cnnf_store_rocksdb::BLOCK_CACHE_BYTES);
+        let mut options = cnnf_store_rocksdb::table_options(&cache);
         options.create_if_missing(true);
         options.increase_parallelism(2);
         rocksdb::DB::open(&options, dir.join("plain"))?
-    } else {
-        rocksdb::DB::open_default(dir.join("plain"))?
     };
     let started = Instant::now();
     let per_write = args.batch * args.per_message;
