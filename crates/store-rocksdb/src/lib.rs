@@ -23,6 +23,12 @@ use rocksdb::{
 /// Block cache shared by the tables of one store: indexes, bloom filters
 /// and hot data blocks stay in memory up to this size.
 pub const BLOCK_CACHE_BYTES: usize = 64 << 20;
+/// Most bytes of write-ahead log kept. One log serves every table, and a log
+/// file goes only once every table with writes in it has flushed them, so
+/// a table written rarely (the applied sequences, a small index) would
+/// otherwise hold gigabytes of logs; past this size RocksDB flushes the
+/// tables that pin the oldest log.
+pub const MAX_WAL_BYTES: u64 = 128 << 20;
 /// Bloom filter bits per key: about 1% false positives, so a point read of
 /// a key that is not there (a dedup or index check) rarely touches disk.
 const BLOOM_BITS_PER_KEY: f64 = 10.0;
@@ -61,6 +67,7 @@ impl RocksStore {
         options.create_if_missing(true);
         options.create_missing_column_families(true);
         options.increase_parallelism(2);
+        options.set_max_total_wal_size(MAX_WAL_BYTES);
         // RocksDB refuses to open without every existing column family;
         // tables a newer version added and this one does not know are
         // opened too, and left alone.

@@ -90,3 +90,51 @@ fn table_files_are_compressed() {
         "table files hold {on_disk} bytes for {raw} bytes of records: not compressed"
     );
 }
+
+/// Bytes of the write-ahead log files (`*.log`) under `dir`.
+fn log_file_bytes(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|entry| entry.ok())
+        .filter(|entry| entry.path().extension().is_some_and(|ext| ext == "log"))
+        .map(|entry| entry.metadata().unwrap().len())
+        .sum()
+}
+
+#[test]
+fn a_rarely_written_table_does_not_pin_the_write_ahead_log() {
+    // "applied" gets one small write, "audits" three times the log limit:
+    // without the limit, the log file holding "applied"'s write (and every
+    // later one) stays until "applied" fills a memtable, which it never does.
+    let dir = tempfile::tempdir().unwrap();
+    let store = RocksStore::open(dir.path(), &["applied", "audits"]).unwrap();
+    let mut batch = cnnf_store::WriteBatch::new();
+    batch.put("applied", b"seq".to_vec(), b"1".to_vec());
+    store.write(batch).unwrap();
+    let value_bytes = 16 * 1024;
+    let writes = 3 * cnnf_store_rocksdb::MAX_WAL_BYTES / (100 * value_bytes as u64);
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    for write in 0..writes {
+        let mut batch = cnnf_store::WriteBatch::new();
+        for i in 0..100u64 {
+            // Incompressible values, so the table files stay large too.
+            let value: Vec<u8> = (0..value_bytes)
+                .map(|_| {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    state as u8
+                })
+                .collect();
+            batch.put("audits", format!("{write:08}/{i:03}").into_bytes(), value);
+        }
+        store.write(batch).unwrap();
+    }
+    let logs = log_file_bytes(dir.path());
+    assert!(
+        logs <= 2 * cnnf_store_rocksdb::MAX_WAL_BYTES,
+        "{logs} bytes of write-ahead log after {} bytes written: the log is not bounded",
+        writes * 100 * value_bytes as u64
+    );
+    assert_eq!(store.get("applied", b"seq").unwrap(), Some(b"1".to_vec()));
+}
