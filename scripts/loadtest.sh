@@ -3,7 +3,7 @@
 # each figure beside a baseline measured in the same run, the ratio, the
 # design's target, the machine, and the exact command per benchmark.
 #
-#   scripts/loadtest.sh              everything (about 15-25 minutes on 2 cores)
+#   scripts/loadtest.sh              everything (about 10 minutes on 2 cores, with the benches built)
 #   FLEET_AGENTS=100 scripts/loadtest.sh   sizes are environment variables (below)
 #   LOADTEST_ONLY="fleet bus-throughput" scripts/loadtest.sh   a subset
 #
