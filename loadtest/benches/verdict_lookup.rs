@@ -31,6 +31,7 @@ use cnnf_core::proto::{
     self, network_object::Kind, CompiledModel, LearnedConnection, NetworkObject, PortRange, Rule, RuleDestination,
     VerdictTable,
 };
+use cnnf_testkit::images::{image_id, image_name};
 use criterion::{criterion_group, criterion_main, Criterion};
 
 const IMAGES: u32 = 10_000;
@@ -39,20 +40,6 @@ const RULED: u32 = IMAGES / 2;
 const LEARNED_PER_SIDE: u32 = 50;
 const RULE_COUNTS: [u32; 4] = [10, 100, 1_000, 10_000];
 const MIX: usize = 4096;
-
-fn image_id(i: u32) -> String {
-    // 71 characters, like a real digest.
-    let x = u64::from(i).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    format!(
-        "sha256:{x:016x}{:016x}{x:016x}{:016x}",
-        x.rotate_left(17),
-        x.rotate_left(41)
-    )
-}
-
-fn image_name(i: u32) -> String {
-    format!("registry.example/team-{}/app-{i}:v{}", i % 50, i % 7)
-}
 
 fn address(i: u32) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(10, 0, (i >> 8) as u8, i as u8))

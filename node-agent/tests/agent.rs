@@ -353,23 +353,7 @@ impl Drop for World {
     /// Removes whatever a failed test left of its agent's chains (a passing
     /// test has already checked that none are left).
     fn drop(&mut self) {
-        for command in ["iptables", "ip6tables"] {
-            for (hook, suffix) in [("FORWARD", "FWD"), ("INPUT", "IN"), ("OUTPUT", "OUT")] {
-                let chain = format!("{}-{suffix}", self.prefix);
-                while Command::new(command)
-                    .args(["-D", hook, "-j", &chain])
-                    .stderr(std::process::Stdio::null())
-                    .status()
-                    .is_ok_and(|status| status.success())
-                {}
-                for action in ["-F", "-X"] {
-                    let _ = Command::new(command)
-                        .args([action, &chain])
-                        .stderr(std::process::Stdio::null())
-                        .status();
-                }
-            }
-        }
+        let _ = cnnf_agent::dataplane::chains::remove_prefix(&self.prefix);
     }
 }
 
@@ -409,14 +393,7 @@ fn enforcing_pair(port: u16) -> Vec<CompiledModel> {
 
 /// The value of one metric line (`name{labels} value`), 0 if absent.
 fn metric(health: &Health, name_and_labels: &str) -> f64 {
-    health
-        .encode_metrics()
-        .lines()
-        .find_map(|line| {
-            let (key, value) = line.rsplit_once(' ')?;
-            (key == name_and_labels).then(|| value.parse::<f64>().ok())?
-        })
-        .unwrap_or(0.0)
+    health.metric(name_and_labels).unwrap_or(0.0)
 }
 
 async fn wait_metric(health: &Health, name_and_labels: &str, done: impl Fn(f64) -> bool) {

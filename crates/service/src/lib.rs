@@ -174,6 +174,12 @@ impl Health {
         out
     }
 
+    /// The value of one sample, named as the text format writes it
+    /// (`name` or `name{label="value",...}`); `None` when it is not there.
+    pub fn metric(&self, name_and_labels: &str) -> Option<f64> {
+        metric_value(&self.encode_metrics(), name_and_labels)
+    }
+
     /// Serves `/metrics` and `/ready` on `addr` until `shutdown`.
     pub async fn serve(
         self,
@@ -233,6 +239,16 @@ pub async fn connect_and_ensure(name: &str, config: &CommonConfig) -> anyhow::Re
             }
         }
     }
+}
+
+/// The value of one sample in Prometheus text `exposition`, named as the
+/// format writes it (`name` or `name{label="value",...}`); `None` when it
+/// is not there or not a number. For tools that read a `/metrics` page.
+pub fn metric_value(exposition: &str, name_and_labels: &str) -> Option<f64> {
+    exposition.lines().find_map(|line| {
+        let (key, value) = line.rsplit_once(' ')?;
+        (key == name_and_labels).then(|| value.trim().parse::<f64>().ok())?
+    })
 }
 
 /// The whole `main` of a service binary: parse and check configuration
@@ -320,4 +336,21 @@ pub async fn run_parts(
         }
     }
     result
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_sample_is_found_by_its_name_and_labels() {
+        let page =
+            "# HELP x_total Things.\n# TYPE x_total counter\nx_total{kind=\"a\"} 3\nx_total{kind=\"b\"} 4.5\ny 7\n";
+        assert_eq!(super::metric_value(page, "x_total{kind=\"b\"}"), Some(4.5));
+        assert_eq!(super::metric_value(page, "y"), Some(7.0));
+        assert_eq!(
+            super::metric_value(page, "x_total"),
+            None,
+            "a name alone does not match a labelled sample"
+        );
+        assert_eq!(super::metric_value(page, "z"), None);
+    }
 }

@@ -5,7 +5,9 @@
 //!   with JetStream on free loopback ports and temporary stores;
 //! - [`netns`]: real Linux network namespaces attached to a private bridge,
 //!   standing in for containers, with helpers to run commands and open
-//!   sockets inside them.
+//!   sockets inside them;
+//! - [`images`]: synthetic container image IDs and names for fleets of
+//!   test and benchmark data.
 //!
 //! This crate is used only from tests and benchmarks (as a dev-dependency). It
 //! must never depend on RocksDB, nor on any CNNF service crate: it knows
@@ -16,10 +18,11 @@
 //! [`netns::Lab`] holds a cross-process lock on its own /24 subnet, whose
 //! index is also part of every interface and namespace name it creates.
 
+pub mod images;
 pub mod nats;
 pub mod netns;
 pub mod wait;
 
 pub use nats::{NatsCluster, NatsServer};
 pub use netns::{ChildGuard, FakeContainer, Lab, TcpServerGuard};
-pub use wait::eventually;
+pub use wait::{eventually, eventually_every};

@@ -10,7 +10,17 @@ const POLL: Duration = Duration::from_millis(20);
 
 /// Polls `check` until it returns `Some`, and returns that value; fails the
 /// test naming `what` if `within` passes first.
-pub async fn eventually<T, F, Fut>(what: &str, within: Duration, mut check: F) -> T
+pub async fn eventually<T, F, Fut>(what: &str, within: Duration, check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    eventually_every(what, within, POLL, check).await
+}
+
+/// [`eventually`], polling every `poll`: for checks that cost more than a
+/// look at memory, such as running a binary.
+pub async fn eventually_every<T, F, Fut>(what: &str, within: Duration, poll: Duration, mut check: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
@@ -21,6 +31,6 @@ where
             return value;
         }
         assert!(started.elapsed() < within, "timed out waiting for {what}");
-        tokio::time::sleep(POLL).await;
+        tokio::time::sleep(poll).await;
     }
 }

@@ -8,7 +8,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_nats::jetstream;
 use cnnf_proto::v1 as pb;
@@ -92,19 +92,12 @@ pub async fn ctl_at(server: &str, token: Option<&str>, args: &[&str]) -> Out {
 }
 
 /// Polls `check` (which runs `cnnfctl`) until it returns `Some`.
-pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+pub async fn eventually<T, F, Fut>(what: &str, check: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
 {
-    let started = Instant::now();
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(started.elapsed() < WAIT, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    cnnf_testkit::eventually_every(what, WAIT, Duration::from_millis(200), check).await
 }
 
 /// One running control plane.

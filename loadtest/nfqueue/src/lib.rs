@@ -40,6 +40,7 @@ use cnnf_core::proto::{
     RuleDestination, VerdictTable,
 };
 use cnnf_core::subjects::Token;
+use cnnf_testkit::images::{image_id, image_name};
 use cnnf_testkit::FakeContainer;
 use prost::Message as _;
 
@@ -90,20 +91,6 @@ pub struct FleetShape {
     /// Other containers on this node (local identity map).
     #[arg(long, default_value_t = 30)]
     pub local: u32,
-}
-
-/// Image ID of fleet image `i`: 71 characters, like a real digest.
-fn image_id(i: u32) -> String {
-    let x = u64::from(i).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    format!(
-        "sha256:{x:016x}{:016x}{x:016x}{:016x}",
-        x.rotate_left(17),
-        x.rotate_left(41)
-    )
-}
-
-fn image_name(i: u32) -> String {
-    format!("registry.example/team-{}/app-{i}:v{}", i % 50, i % 7)
 }
 
 fn image_identity(id: &str, name: &str) -> proto::Identity {

@@ -131,7 +131,7 @@ pub struct ChainConfig {
 impl ChainConfig {
     /// The name of the agent's chain for `hook`.
     pub fn chain_name(&self, hook: Hook) -> String {
-        format!("{}-{}", self.prefix, hook.suffix())
+        chain_name(&self.prefix, hook)
     }
 
     fn validate(&self) -> Result<(), ChainError> {
@@ -273,6 +273,27 @@ fn present(saved: &str, hook: Hook, chain: &str) -> Present {
     }
 }
 
+/// The name of the chain of `prefix` for `hook`.
+fn chain_name(prefix: &str, hook: Hook) -> String {
+    format!("{prefix}-{}", hook.suffix())
+}
+
+/// Removes every jump and chain of `prefix` (for every hook), for IPv4 and
+/// IPv6, as far as they exist. [`Chains::remove`] does this for chains it
+/// installed; a caller holding no [`Chains`] (a test cleaning up after an
+/// agent it ran and lost) calls this.
+pub fn remove_prefix(prefix: &str) -> Result<(), ChainError> {
+    for family in Family::ALL {
+        let saved = save(family, false)?;
+        let mut commands = String::new();
+        for hook in Hook::ALL {
+            removal(&saved, hook, &chain_name(prefix, hook), &mut commands);
+        }
+        restore(family, &commands)?;
+    }
+    Ok(())
+}
+
 /// Commands that remove a hook's jumps and chain, as far as they exist.
 fn removal(saved: &str, hook: Hook, chain: &str, out: &mut String) {
     let found = present(saved, hook, chain);
@@ -400,14 +421,7 @@ impl Chains {
     /// Removes every jump and chain of this prefix (for every hook, also
     /// ones not configured), for IPv4 and IPv6.
     pub fn remove(self) -> Result<(), ChainError> {
-        for family in Family::ALL {
-            let saved = save(family, false)?;
-            let mut commands = String::new();
-            for hook in Hook::ALL {
-                removal(&saved, hook, &self.config.chain_name(hook), &mut commands);
-            }
-            restore(family, &commands)?;
-        }
+        remove_prefix(&self.config.prefix)?;
         tracing::info!(message = "Chains removed.", prefix = %self.config.prefix);
         Ok(())
     }

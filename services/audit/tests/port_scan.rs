@@ -259,36 +259,13 @@ impl World {
 impl Drop for World {
     /// Removes whatever a failed test left of the agent's chains.
     fn drop(&mut self) {
-        for command in ["iptables", "ip6tables"] {
-            for (hook, suffix) in [("FORWARD", "FWD"), ("INPUT", "IN"), ("OUTPUT", "OUT")] {
-                let chain = format!("{}-{suffix}", self.prefix);
-                while Command::new(command)
-                    .args(["-D", hook, "-j", &chain])
-                    .stderr(std::process::Stdio::null())
-                    .status()
-                    .is_ok_and(|status| status.success())
-                {}
-                for action in ["-F", "-X"] {
-                    let _ = Command::new(command)
-                        .args([action, &chain])
-                        .stderr(std::process::Stdio::null())
-                        .status();
-                }
-            }
-        }
+        let _ = cnnf_agent::dataplane::chains::remove_prefix(&self.prefix);
     }
 }
 
 /// The value of one metric line (`name{labels} value`), 0 if absent.
 fn metric(health: &Health, name_and_labels: &str) -> f64 {
-    health
-        .encode_metrics()
-        .lines()
-        .find_map(|line| {
-            let (key, value) = line.rsplit_once(' ')?;
-            (key == name_and_labels).then(|| value.parse::<f64>().ok())?
-        })
-        .unwrap_or(0.0)
+    health.metric(name_and_labels).unwrap_or(0.0)
 }
 
 /// A task running `run` until its stop sender fires.
