@@ -103,7 +103,7 @@ async fn status(js: &jetstream::Context) -> anyhow::Result<()> {
     let names = topology::streams(&config).into_iter().map(|stream| stream.name).chain(
         topology::buckets(&config)
             .into_iter()
-            .map(|bucket| format!("KV_{}", bucket.bucket)),
+            .map(|bucket| format!("KV_{}", bucket.config.bucket)),
     );
     for name in names {
         match js.get_stream(&name).await {

@@ -112,25 +112,41 @@ pub fn streams(config: &TopologyConfig) -> Vec<stream::Config> {
     ]
 }
 
+/// A KV bucket, and what its stream needs that `kv::Config` cannot say.
+#[derive(Debug, Clone)]
+pub struct BucketSpec {
+    /// The bucket.
+    pub config: kv::Config,
+    /// Most consumers on the bucket's stream; `None` leaves the server's
+    /// default.
+    pub max_consumers: Option<i32>,
+}
+
 /// The configuration of every KV bucket.
-pub fn buckets(config: &TopologyConfig) -> Vec<kv::Config> {
+pub fn buckets(config: &TopologyConfig) -> Vec<BucketSpec> {
     vec![
-        kv::Config {
-            bucket: VERDICTS_BUCKET.to_owned(),
-            description: "Compiled verdict tables, per cluster/node".to_owned(),
-            history: 5,
-            max_value_size: 64 * 1024 * 1024,
-            storage: jetstream::stream::StorageType::File,
-            num_replicas: config.replicas,
-            ..Default::default()
+        BucketSpec {
+            config: kv::Config {
+                bucket: VERDICTS_BUCKET.to_owned(),
+                description: "Compiled verdict tables, per cluster/node".to_owned(),
+                history: 5,
+                max_value_size: 64 * 1024 * 1024,
+                storage: jetstream::stream::StorageType::File,
+                num_replicas: config.replicas,
+                ..Default::default()
+            },
+            max_consumers: Some(VERDICTS_MAX_CONSUMERS),
         },
-        kv::Config {
-            bucket: IDENTITIES_BUCKET.to_owned(),
-            description: "Current address -> identity map".to_owned(),
-            history: 1,
-            storage: jetstream::stream::StorageType::File,
-            num_replicas: config.replicas,
-            ..Default::default()
+        BucketSpec {
+            config: kv::Config {
+                bucket: IDENTITIES_BUCKET.to_owned(),
+                description: "Current address -> identity map".to_owned(),
+                history: 1,
+                storage: jetstream::stream::StorageType::File,
+                num_replicas: config.replicas,
+                ..Default::default()
+            },
+            max_consumers: None,
         },
     ]
 }
@@ -244,32 +260,38 @@ pub async fn ensure(js: &jetstream::Context, config: &TopologyConfig) -> Result<
         ensure_stream(js, wanted).await?;
     }
     for wanted in buckets(config) {
-        let name = wanted.bucket.clone();
+        let name = wanted.config.bucket.clone();
         let bucket_error = |message: String| TopologyError::Bucket {
             name: name.clone(),
             message,
         };
         match js.get_key_value(&name).await {
             Ok(_) => {
-                js.update_key_value(wanted)
+                js.update_key_value(wanted.config)
                     .await
                     .map_err(|error| bucket_error(error.to_string()))?;
             }
             Err(_) => {
-                js.create_key_value(wanted)
+                js.create_key_value(wanted.config)
                     .await
                     .map_err(|error| bucket_error(error.to_string()))?;
             }
         }
+        if let Some(limit) = wanted.max_consumers {
+            limit_consumers(js, &format!("KV_{name}"), limit).await?;
+        }
     }
-    // `kv::Config` has no consumer limit: set it on the bucket's stream.
-    let name = format!("KV_{VERDICTS_BUCKET}");
+    Ok(())
+}
+
+/// Sets the consumer limit of stream `name` to `limit` unless it has it.
+async fn limit_consumers(js: &jetstream::Context, name: &str, limit: i32) -> Result<(), TopologyError> {
     let stream_error = |message: String| TopologyError::Stream {
-        name: name.clone(),
+        name: name.to_owned(),
         message,
     };
     let mut stream = js
-        .get_stream(&name)
+        .get_stream(name)
         .await
         .map_err(|error| stream_error(error.to_string()))?;
     let mut current = stream
@@ -278,8 +300,8 @@ pub async fn ensure(js: &jetstream::Context, config: &TopologyConfig) -> Result<
         .map_err(|error| stream_error(error.to_string()))?
         .config
         .clone();
-    if current.max_consumers != VERDICTS_MAX_CONSUMERS {
-        current.max_consumers = VERDICTS_MAX_CONSUMERS;
+    if current.max_consumers != limit {
+        current.max_consumers = limit;
         js.update_stream(current)
             .await
             .map_err(|error| stream_error(error.to_string()))?;

@@ -427,7 +427,7 @@ async fn declaring_the_topology_is_idempotent_and_repairs_drift() {
         assert_eq!(stream.info().await.unwrap().config.subjects, wanted.subjects);
     }
     for bucket in cnnf_bus::topology::buckets(&config) {
-        js.get_key_value(&bucket.bucket).await.unwrap();
+        js.get_key_value(&bucket.config.bucket).await.unwrap();
     }
 
     // Someone shortened the flow retention by hand: start-up puts it back.
