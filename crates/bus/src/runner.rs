@@ -1,13 +1,24 @@
 //! The projection runner: a stream folded into a store exactly once.
 //!
 //! ```text
-//! durable pull consumer ─► batch of messages ─► decode + check ─► Projection::apply (Txn)
-//!        ▲                                         │ rejected
-//!        │                                         ▼
-//!        │                           cnnf.dlq.<durable> (published, acked first)
-//!        │
+//! durable pull consumer ─► batch of messages ─► decode + origin check ─► Projection::apply (Txn)
+//!        ▲                                         │ rejected                     │ not yet
+//!        │                                         ▼                              ▼
+//!        │                           cnnf.dlq.<durable> (published, acked first)  commit what came
+//!        │                                                                         before; redeliver
 //!        └── ack (AckAll, last of batch) ◄── ONE store write: changes + applied sequence
 //! ```
+//!
+//! Before a projection sees a message, the runner checks it as every
+//! consumer must ([`cnnf_core::envelope`]): size, protobuf, schema
+//! version, payload, and that the envelope names the cluster (and node)
+//! its subject names (`origin-mismatch`). A projection can answer
+//! [`ApplyError::NotYet`] for an event it cannot decide before another
+//! projection caught up: the runner commits the batch up to the message
+//! before it, waits (20 ms, doubling, at most a second) and has the
+//! consumer deliver again from there; past [`RunnerConfig::retry_limit`]
+//! of waiting on the same message it dead-letters it with the reason the
+//! projection gave.
 //!
 //! The store, not the consumer, is the truth about progress: each batch's
 //! changes and the last stream sequence it covered go into one atomic
@@ -26,6 +37,8 @@
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
+
+use tokio::time::Instant;
 
 use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy, PullConsumer};
 use async_nats::jetstream::message::PublishMessage;
@@ -62,7 +75,10 @@ pub struct Event<'a> {
     pub subject: &'a str,
     /// Its sequence in the stream.
     pub stream_sequence: u64,
-    /// The decoded, version-checked envelope.
+    /// When the server stored it (Unix nanoseconds, the server's clock):
+    /// a time the publisher cannot forge, unlike the envelope's own.
+    pub received_unix_nanos: i64,
+    /// The decoded, version- and origin-checked envelope.
     pub envelope: Envelope,
 }
 
@@ -72,6 +88,12 @@ pub enum ApplyError {
     /// The event is wrong: dead-letter it, keep none of its changes, go on.
     #[error("rejected: {0}")]
     Reject(Rejection),
+    /// The event cannot be decided yet (what it must be checked against,
+    /// another projection, has not caught up): keep none of its changes,
+    /// commit what came before it, and deliver it again later. Past the
+    /// runner's retry limit it is dead-lettered with this rejection.
+    #[error("not yet decidable: {0}")]
+    NotYet(Rejection),
     /// The store failed: stop; nothing of the batch is committed or acked.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -103,6 +125,9 @@ pub struct RunnerConfig {
     pub max_message_bytes: usize,
     /// How long JetStream waits for an ack before redelivering.
     pub ack_wait: Duration,
+    /// Longest wait on one message the projection answers
+    /// [`ApplyError::NotYet`] for; then it is dead-lettered.
+    pub retry_limit: Duration,
 }
 
 impl RunnerConfig {
@@ -126,6 +151,7 @@ impl RunnerConfig {
             batch_wait: Duration::ZERO,
             max_message_bytes: envelope::DEFAULT_MAX_MESSAGE_BYTES,
             ack_wait: Duration::from_secs(30),
+            retry_limit: Duration::from_secs(120),
         }
     }
 }
@@ -172,6 +198,9 @@ pub struct RunnerMetrics {
     pub dead_lettered: Family<DeadLetterLabels, Counter>,
     /// Store writes (batches) committed.
     pub batches: Counter,
+    /// Times a batch stopped at an event the projection could not decide
+    /// yet, to deliver it again.
+    pub retried: Counter,
     /// Last stream sequence committed.
     pub applied_sequence: Gauge,
 }
@@ -198,6 +227,11 @@ impl RunnerMetrics {
             format!("{prefix}_batches"),
             "Store writes committed",
             self.batches.clone(),
+        );
+        registry.register(
+            format!("{prefix}_retried"),
+            "Times a batch stopped at an event the projection could not decide yet, to deliver it again",
+            self.retried.clone(),
         );
         registry.register(
             format!("{prefix}_applied_sequence"),
@@ -244,6 +278,24 @@ pub struct ProjectionRunner<P> {
     dead_letter_subject: String,
     /// The consumer (delivery) sequence the next fresh message must carry.
     next_delivery: u64,
+    /// The message the projection could not decide yet: its stream
+    /// sequence, since when, and how many times.
+    waiting: Option<Waiting>,
+}
+
+/// A message the runner waits on.
+#[derive(Debug, Clone, Copy)]
+struct Waiting {
+    sequence: u64,
+    since: Instant,
+    attempts: u32,
+}
+
+impl Waiting {
+    /// The pause before the next delivery: 20 ms, doubling, at most 1 s.
+    fn backoff(&self) -> Duration {
+        Duration::from_millis(20u64.saturating_mul(1 << self.attempts.min(6))).min(Duration::from_secs(1))
+    }
 }
 
 impl<P: Projection> ProjectionRunner<P> {
@@ -259,6 +311,7 @@ impl<P: Projection> ProjectionRunner<P> {
             metrics: RunnerMetrics::default(),
             dead_letter_subject,
             next_delivery: 1,
+            waiting: None,
         }
     }
 
@@ -342,6 +395,18 @@ impl<P: Projection> ProjectionRunner<P> {
                 if stopping {
                     return Ok(self.projection);
                 }
+                if outcome.retry {
+                    let wait = self
+                        .waiting
+                        .map_or(Duration::from_millis(20), |waiting| waiting.backoff());
+                    tokio::select! {
+                        biased;
+                        () = &mut shutdown => return Ok(self.projection),
+                        () = tokio::time::sleep(wait) => {}
+                    }
+                    force_reposition = true;
+                    continue 'consumer;
+                }
                 if outcome.gap {
                     tracing::warn!(
                         message = "Delivery gap: repositioning the consumer.",
@@ -364,6 +429,7 @@ impl<P: Projection> ProjectionRunner<P> {
         let mut applied_now = 0u64;
         let mut dead = Vec::new();
         let mut gap = false;
+        let mut retry = false;
         let mut last_taken = None;
         for message in &batch {
             let info = message.info().map_err(nats)?;
@@ -380,9 +446,12 @@ impl<P: Projection> ProjectionRunner<P> {
                 break;
             }
             self.next_delivery = delivery + 1;
+            let before = (high, last_taken);
             last_taken = Some(message);
             high = sequence;
-            let envelope = match envelope::decode(&message.payload, self.config.max_message_bytes) {
+            let checked = envelope::decode(&message.payload, self.config.max_message_bytes)
+                .and_then(|envelope| envelope::check_origin(message.subject.as_str(), &envelope).map(|_| envelope));
+            let envelope = match checked {
                 Ok(envelope) => envelope,
                 Err(rejection) => {
                     dead.push((message, sequence, rejection));
@@ -392,6 +461,7 @@ impl<P: Projection> ProjectionRunner<P> {
             let event = Event {
                 subject: message.subject.as_str(),
                 stream_sequence: sequence,
+                received_unix_nanos: i64::try_from(info.published.unix_timestamp_nanos()).unwrap_or(i64::MAX),
                 envelope,
             };
             txn.mark();
@@ -401,7 +471,49 @@ impl<P: Projection> ProjectionRunner<P> {
                     txn.rollback_to_mark();
                     dead.push((message, sequence, rejection));
                 }
+                Err(ApplyError::NotYet(rejection)) => {
+                    txn.rollback_to_mark();
+                    let waiting = match self.waiting {
+                        Some(waiting) if waiting.sequence == sequence => Waiting {
+                            attempts: waiting.attempts.saturating_add(1),
+                            ..waiting
+                        },
+                        _ => Waiting {
+                            sequence,
+                            since: Instant::now(),
+                            attempts: 0,
+                        },
+                    };
+                    if waiting.since.elapsed() >= self.config.retry_limit {
+                        tracing::warn!(
+                            message = "Gave up waiting on a message: dead-lettering it.",
+                            durable = %self.config.durable,
+                            sequence,
+                            waited_ms = waiting.since.elapsed().as_millis() as u64,
+                            detail = %rejection
+                        );
+                        self.waiting = None;
+                        dead.push((message, sequence, rejection));
+                        continue;
+                    }
+                    if waiting.attempts == 0 {
+                        tracing::info!(
+                            message = "Message not decidable yet: delivering it again later.",
+                            durable = %self.config.durable,
+                            sequence,
+                            detail = %rejection
+                        );
+                    }
+                    self.waiting = Some(waiting);
+                    self.metrics.retried.inc();
+                    (high, last_taken) = before;
+                    retry = true;
+                    break;
+                }
                 Err(ApplyError::Store(error)) => return Err(error.into()),
+            }
+            if self.waiting.is_some_and(|waiting| waiting.sequence == sequence) {
+                self.waiting = None;
             }
         }
 
@@ -443,7 +555,11 @@ impl<P: Projection> ProjectionRunner<P> {
                 tracing::warn!(message = "Ack failed; the batch will be redelivered and skipped.", %error);
             }
         }
-        Ok(BatchOutcome { applied: high, gap })
+        Ok(BatchOutcome {
+            applied: high,
+            gap,
+            retry,
+        })
     }
 
     /// Publishes every rejected message to the dead-letter subject and
@@ -544,6 +660,9 @@ struct BatchOutcome {
     applied: u64,
     /// A delivery gap stopped the batch: reposition the consumer.
     gap: bool,
+    /// An event not decidable yet stopped the batch: wait, then
+    /// reposition the consumer to deliver it again.
+    retry: bool,
 }
 
 /// NATS header values cannot hold line breaks; keep them short, too.

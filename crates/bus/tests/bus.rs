@@ -467,3 +467,287 @@ async fn more_than_a_thousand_agents_can_watch_the_verdict_tables() {
     }
     assert_eq!(stream.info().await.unwrap().state.consumer_count, 1100);
 }
+
+/// Counts heartbeats like [`Counting`] and records the server's receive
+/// time of each applied message under `received/<sequence>`.
+struct Stamping;
+
+impl Projection for Stamping {
+    fn apply(&mut self, event: &Event<'_>, txn: &mut Txn<'_>) -> Result<(), ApplyError> {
+        Counting.apply(event, txn)?;
+        let key = format!("received/{:08}", event.stream_sequence);
+        txn.put(
+            COUNTS,
+            key.into_bytes(),
+            event.received_unix_nanos.to_be_bytes().to_vec(),
+        );
+        Ok(())
+    }
+}
+
+fn heartbeat_on(cluster: &str, node: &str, i: u64) -> Vec<u8> {
+    cnnf_core::envelope::encode(Envelope {
+        event_id: format!("o:{i}"),
+        cluster: cluster.into(),
+        node: node.into(),
+        payload: Some(Payload::NodeHeartbeat(NodeHeartbeat {
+            boot_id: "b".into(),
+            sequence: i,
+            ..Default::default()
+        })),
+        ..Default::default()
+    })
+}
+
+fn unix_nanos_now() -> i64 {
+    i64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos(),
+    )
+    .unwrap()
+}
+
+/// Runs `runner` until `until` holds, then shuts it down.
+async fn run_while<P: Projection>(runner: ProjectionRunner<P>, until: impl Fn() -> bool + Send + 'static) -> P {
+    let reached = async move {
+        while !until() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), runner.run(reached))
+        .await
+        .expect("the runner did not get there")
+        .unwrap()
+}
+
+/// The dead letters of `durable`: (reason, detail, original bytes).
+async fn dead_letters(js: &jetstream::Context, durable: &str, count: usize) -> Vec<(String, String, Vec<u8>)> {
+    let stream = js.get_stream(cnnf_bus::topology::DEAD_LETTER).await.unwrap();
+    let consumer = stream
+        .create_consumer(jetstream::consumer::pull::OrderedConfig {
+            filter_subject: format!("cnnf.dlq.{durable}"),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut messages = consumer.messages().await.unwrap();
+    let mut out = Vec::new();
+    for _ in 0..count {
+        let message = tokio::time::timeout(Duration::from_secs(10), messages.next())
+            .await
+            .expect("a dead letter is missing")
+            .unwrap()
+            .unwrap();
+        let headers = message.headers.clone().unwrap();
+        out.push((
+            headers.get(DLQ_REASON).unwrap().to_string(),
+            headers.get(cnnf_bus::runner::DLQ_DETAIL).unwrap().to_string(),
+            message.payload.to_vec(),
+        ));
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_envelope_naming_another_origin_than_its_subject_is_dead_lettered_on_every_stream() {
+    use cnnf_bus::topology::{FLOWS, HEARTBEATS, POLICY, WORKLOADS};
+    let server = NatsServer::start().await;
+    let js = setup(&server).await;
+    // (stream, subject, the lie, the truth): the lie names node n2 (or
+    // cluster d) on a subject of node n1 of cluster c.
+    let cases = [
+        (
+            FLOWS,
+            "cnnf.flow.c.n1",
+            heartbeat_on("c", "n2", 1),
+            heartbeat_on("c", "n1", 2),
+        ),
+        (
+            WORKLOADS,
+            "cnnf.workload.c.n1",
+            heartbeat_on("c", "n2", 3),
+            heartbeat_on("c", "n1", 4),
+        ),
+        (
+            HEARTBEATS,
+            "cnnf.heartbeat.c.n1",
+            heartbeat_on("d", "n1", 5),
+            heartbeat_on("c", "n1", 6),
+        ),
+        (
+            POLICY,
+            "cnnf.policy.c.rule",
+            heartbeat_on("d", "", 7),
+            heartbeat_on("c", "", 8),
+        ),
+    ];
+    let before = unix_nanos_now();
+    let mut publisher = Publisher::new(js.clone(), PublisherConfig::default());
+    for (i, (_, subject, lie, truth)) in cases.iter().enumerate() {
+        for (part, payload) in [lie, truth].into_iter().enumerate() {
+            publisher
+                .publish(OutgoingMessage::new(
+                    *subject,
+                    format!("origin:{i}:{part}"),
+                    payload.clone(),
+                ))
+                .await
+                .unwrap();
+        }
+    }
+    publisher.flush().await.unwrap();
+    let after = unix_nanos_now();
+
+    for (stream, subject, lie, truth) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let durable = format!("origin-{}", stream.to_lowercase().replace('_', "-"));
+        let runner = ProjectionRunner::new(
+            js.clone(),
+            Arc::clone(&store),
+            Stamping,
+            RunnerConfig::new(stream, &durable),
+        );
+        let metrics = runner.metrics().clone();
+        let watched = Arc::clone(&store);
+        let watched_durable = durable.clone();
+        run_while(runner, move || {
+            applied_sequence(watched.as_ref(), &watched_durable).unwrap() >= 2
+        })
+        .await;
+
+        // The good event after the lie is applied; the lie left nothing.
+        assert_eq!(read_u64(store.as_ref(), COUNTS, b"total").unwrap(), 1, "{subject}");
+        assert_eq!(metrics.applied.get(), 1);
+        let letters = dead_letters(&js, &durable, 1).await;
+        let (reason, detail, bytes) = &letters[0];
+        assert_eq!(reason, "origin-mismatch", "{subject}");
+        assert!(detail.starts_with("origin-mismatch: subject"), "{detail}");
+        assert_eq!(bytes, &lie, "the dead letter carries the original bytes");
+        assert_ne!(bytes, &truth);
+        let dead = metrics
+            .dead_lettered
+            .get_or_create(&cnnf_bus::runner::DeadLetterLabels {
+                consumer: durable.clone(),
+                reason: "origin-mismatch".into(),
+            })
+            .get();
+        assert_eq!(dead, 1);
+
+        // The projection saw the server's receive time of the good event.
+        let stamps = store.scan_prefix(COUNTS, b"received/", 10).unwrap();
+        assert_eq!(stamps.len(), 1);
+        let received = i64::from_be_bytes(stamps[0].1.as_slice().try_into().unwrap());
+        assert!(
+            received >= before - 1_000_000_000 && received <= after + 1_000_000_000,
+            "received {received} is not between {before} and {after}"
+        );
+    }
+}
+
+/// Refuses to decide events of node "late" until `ready`; counts the rest.
+struct Gated {
+    ready: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Projection for Gated {
+    fn apply(&mut self, event: &Event<'_>, txn: &mut Txn<'_>) -> Result<(), ApplyError> {
+        Counting.apply(event, txn)?;
+        if event.envelope.node == "late" && !self.ready.load(Ordering::SeqCst) {
+            return Err(ApplyError::NotYet(Rejection::Refused {
+                reason: "not-ready",
+                detail: "what it depends on has not arrived".into(),
+            }));
+        }
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_not_decidable_yet_is_delivered_again_and_dead_lettered_only_past_the_limit() {
+    let server = NatsServer::start().await;
+    let js = setup(&server).await;
+    let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    publish_events_of(&js, &[(1, "n1"), (2, "late"), (3, "n1")]).await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let runner = ProjectionRunner::new(
+        js.clone(),
+        Arc::clone(&store),
+        Gated {
+            ready: Arc::clone(&ready),
+        },
+        RunnerConfig::new(STREAM, "gated"),
+    );
+    let metrics = runner.metrics().clone();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(runner.run(async move {
+        let _ = stopped.await;
+    }));
+    // It commits what came before the undecidable event and waits on it.
+    cnnf_testkit::eventually(
+        "three deliveries of the late event",
+        Duration::from_secs(30),
+        || async { (metrics.retried.get() >= 3).then_some(()) },
+    )
+    .await;
+    assert_eq!(applied_sequence(store.as_ref(), "gated").unwrap(), 1);
+    assert_eq!(read_u64(store.as_ref(), COUNTS, b"total").unwrap(), 1);
+    // Once decidable it is applied, with what follows; nothing was dead-lettered.
+    ready.store(true, Ordering::SeqCst);
+    cnnf_testkit::eventually("the rest applied", Duration::from_secs(30), || async {
+        (applied_sequence(store.as_ref(), "gated").unwrap() >= 3).then_some(())
+    })
+    .await;
+    assert_eq!(read_u64(store.as_ref(), COUNTS, b"total").unwrap(), 3);
+    assert_eq!(
+        read_u64(store.as_ref(), META_TABLE, &dead_letter_key("gated")).unwrap(),
+        0
+    );
+    assert_eq!(metrics.applied.get(), 3);
+    let _ = stop.send(());
+    task.await.unwrap().unwrap();
+
+    // With a limit, an event that never becomes decidable is dead-lettered
+    // with the projection's reason once the limit passed; the next is applied.
+    ready.store(false, Ordering::SeqCst);
+    publish_events_of(&js, &[(4, "late"), (5, "n1")]).await;
+    let mut config = RunnerConfig::new(STREAM, "gated");
+    config.retry_limit = Duration::from_millis(300);
+    let runner = ProjectionRunner::new(
+        js.clone(),
+        Arc::clone(&store),
+        Gated {
+            ready: Arc::clone(&ready),
+        },
+        config,
+    );
+    let metrics = runner.metrics().clone();
+    let watched = Arc::clone(&store);
+    let started = std::time::Instant::now();
+    run_while(runner, move || {
+        applied_sequence(watched.as_ref(), "gated").unwrap() >= 5
+    })
+    .await;
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "dead-lettered before the limit"
+    );
+    assert!(metrics.retried.get() >= 1);
+    assert_eq!(read_u64(store.as_ref(), COUNTS, b"total").unwrap(), 4);
+    let letters = dead_letters(&js, "gated", 1).await;
+    assert_eq!(letters[0].0, "not-ready");
+    assert_eq!(letters[0].2, event(4, "late"));
+}
+
+async fn publish_events_of(js: &jetstream::Context, events: &[(u64, &str)]) {
+    let mut publisher = Publisher::new(js.clone(), PublisherConfig::default());
+    for (i, node) in events {
+        let message = OutgoingMessage::new("t.events.0", format!("g:{i}"), event(*i, node));
+        publisher.publish(message).await.unwrap();
+    }
+    publisher.flush().await.unwrap();
+}

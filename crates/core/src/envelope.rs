@@ -1,9 +1,13 @@
 //! The checks every consumer applies to a message before trusting it.
 //!
 //! A message is accepted only if it is small enough, decodes as an
-//! [`Envelope`], carries a schema version this build understands, and has
-//! a payload. Anything else is a [`Rejection`] whose [`reason`]
-//! (a short stable code) names the dead-letter reason and metric label.
+//! [`Envelope`], carries a schema version this build understands, has a
+//! payload ([`decode`]), and names the origin its subject names
+//! ([`check_origin`]): NATS permissions confine an agent to its own node's
+//! subjects, so an envelope naming another node or cluster than its
+//! subject is a publisher lying in the body. Anything else is a
+//! [`Rejection`] whose [`reason`] (a short stable code) names the
+//! dead-letter reason and metric label.
 //!
 //! [`reason`]: Rejection::reason
 
@@ -43,6 +47,25 @@ pub enum Rejection {
     /// The event's own fields are wrong (set by the projection that read it).
     #[error("{0}")]
     Invalid(String),
+    /// The envelope names another cluster or node than its subject.
+    #[error("origin-mismatch: subject {subject:?} does not name the envelope's cluster {cluster:?} and node {node:?}")]
+    OriginMismatch {
+        /// Subject the message came on.
+        subject: String,
+        /// Cluster in the envelope.
+        cluster: String,
+        /// Node in the envelope.
+        node: String,
+    },
+    /// A projection refused the event for a reason of its own, with its
+    /// own stable code (e.g. `image-not-on-node`).
+    #[error("{reason}: {detail}")]
+    Refused {
+        /// Short, stable code: the dead-letter reason and metric label.
+        reason: &'static str,
+        /// What was wrong, and where.
+        detail: String,
+    },
 }
 
 impl Rejection {
@@ -54,7 +77,61 @@ impl Rejection {
             Self::UnknownSchemaVersion { .. } => "unknown-schema-version",
             Self::NoPayload => "no-payload",
             Self::Invalid(_) => "invalid",
+            Self::OriginMismatch { .. } => "origin-mismatch",
+            Self::Refused { reason, .. } => reason,
         }
+    }
+}
+
+/// Where a subject says its message comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin<'a> {
+    /// An agent subject (`cnnf.workload|flow|heartbeat.<cluster>.<node>`).
+    Agent {
+        /// Cluster token of the subject.
+        cluster: &'a str,
+        /// Node token of the subject.
+        node: &'a str,
+    },
+    /// A cluster subject (`cnnf.policy.<cluster>.<kind>`).
+    Cluster {
+        /// Cluster token of the subject.
+        cluster: &'a str,
+    },
+    /// A subject that names no origin (models, incidents, audits, anything
+    /// outside CNNF's subject space).
+    Unnamed,
+}
+
+/// Checks the envelope against the origin its subject names: on an agent
+/// subject the envelope's cluster and node must be the subject's, on a
+/// policy subject its cluster must be. An agent or policy subject of the
+/// wrong shape (a token too many or too few) names no origin it could
+/// match and is refused too. Other subjects are not checked.
+pub fn check_origin<'a>(subject: &'a str, envelope: &Envelope) -> Result<Origin<'a>, Rejection> {
+    let mismatch = || Rejection::OriginMismatch {
+        subject: subject.to_owned(),
+        cluster: envelope.cluster.clone(),
+        node: envelope.node.clone(),
+    };
+    let mut tokens = subject.split('.');
+    if tokens.next() != Some(crate::subjects::ROOT) {
+        return Ok(Origin::Unnamed);
+    }
+    let kind = tokens.next();
+    let rest: Vec<&str> = tokens.collect();
+    match kind {
+        Some("workload" | "flow" | "heartbeat") => match rest.as_slice() {
+            [cluster, node] if *cluster == envelope.cluster && *node == envelope.node => {
+                Ok(Origin::Agent { cluster, node })
+            }
+            _ => Err(mismatch()),
+        },
+        Some("policy") => match rest.as_slice() {
+            [cluster, _kind] if *cluster == envelope.cluster => Ok(Origin::Cluster { cluster }),
+            _ => Err(mismatch()),
+        },
+        _ => Ok(Origin::Unnamed),
     }
 }
 
@@ -102,6 +179,60 @@ mod tests {
             })),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn the_origin_of_agent_and_policy_subjects_must_be_the_envelopes() {
+        let envelope = heartbeat();
+        for kind in ["workload", "flow", "heartbeat"] {
+            assert_eq!(
+                check_origin(&format!("cnnf.{kind}.c.n1"), &envelope),
+                Ok(Origin::Agent {
+                    cluster: "c",
+                    node: "n1"
+                })
+            );
+            for bad in [
+                format!("cnnf.{kind}.c.n2"),
+                format!("cnnf.{kind}.d.n1"),
+                format!("cnnf.{kind}.c.n1.x"),
+                format!("cnnf.{kind}.c"),
+            ] {
+                let rejection = check_origin(&bad, &envelope).unwrap_err();
+                assert_eq!(rejection.reason(), "origin-mismatch", "{bad}");
+                assert!(
+                    rejection.to_string().starts_with("origin-mismatch: subject"),
+                    "{rejection}"
+                );
+            }
+        }
+        assert_eq!(
+            check_origin("cnnf.policy.c.rule", &envelope),
+            Ok(Origin::Cluster { cluster: "c" })
+        );
+        for bad in ["cnnf.policy.d.rule", "cnnf.policy.c", "cnnf.policy.c.rule.x"] {
+            assert_eq!(
+                check_origin(bad, &envelope).unwrap_err().reason(),
+                "origin-mismatch",
+                "{bad}"
+            );
+        }
+        for unnamed in [
+            "cnnf.model.sha256:aa",
+            "cnnf.incident.d.port-scan",
+            "t.events.0",
+            "cnnfx.flow.d.n9",
+        ] {
+            assert_eq!(check_origin(unnamed, &envelope), Ok(Origin::Unnamed), "{unnamed}");
+        }
+        let refused = Rejection::Refused {
+            reason: "image-not-on-node",
+            detail: "x".into(),
+        };
+        assert_eq!(
+            (refused.reason(), refused.to_string().as_str()),
+            ("image-not-on-node", "image-not-on-node: x")
+        );
     }
 
     #[test]

@@ -187,6 +187,7 @@ fn main() -> anyhow::Result<()> {
             let event = Event {
                 subject: &subject,
                 stream_sequence: m + 1,
+                received_unix_nanos: 0,
                 envelope,
             };
             projection

@@ -228,12 +228,16 @@ pub async fn replay(
                 let event = Event {
                     subject: &subject,
                     stream_sequence: sequence,
+                    // The audit fold never reads the server's receive time.
+                    received_unix_nanos: 0,
                     envelope,
                 };
                 txn.mark();
                 match projection.apply(&event, &mut txn) {
                     Ok(()) => {}
-                    Err(cnnf_bus::runner::ApplyError::Reject(_)) => txn.rollback_to_mark(),
+                    Err(cnnf_bus::runner::ApplyError::Reject(_) | cnnf_bus::runner::ApplyError::NotYet(_)) => {
+                        txn.rollback_to_mark()
+                    }
                     Err(cnnf_bus::runner::ApplyError::Store(error)) => return Err(error.into()),
                 }
             }

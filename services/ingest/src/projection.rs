@@ -2,14 +2,16 @@
 //!
 //! The projection runner already quarantines what cannot be trusted as a
 //! message (oversized, not an envelope, unknown schema version, no
-//! payload). The gate here refuses what is wrong as an *event*, before
-//! anything is written: a subject that does not name the envelope's
-//! cluster and node (NATS permissions confine an agent to its own
-//! subjects, so a mismatch is an agent lying in the body; see
-//! `deploy/nats/agent-permissions.md`), an event that does not belong on
-//! the stream, no event time, a missing or malformed workload, no or
-//! unparseable addresses, a workload naming another cluster or node than
-//! its envelope. A refused event is returned as
+//! payload) and an envelope whose cluster and node are not its subject's
+//! (`origin-mismatch`, `cnnf_core::envelope::check_origin`: NATS
+//! permissions confine an agent to its own subjects, so a mismatch is an
+//! agent lying in the body; see `deploy/nats/agent-permissions.md`). The
+//! gate here refuses what is wrong as an *event*, before anything is
+//! written: an event that does not belong on the stream, no event time, a
+//! missing or malformed workload, no or unparseable addresses, a workload
+//! naming another cluster or node than its envelope. It reads the origin
+//! through the same shared check, so applied on its own (as the unit tests
+//! do) it refuses a mismatch too. A refused event is returned as
 //! `Rejection::Invalid("<reason>: <detail>")`: the runner rolls back its
 //! writes and dead-letters it on `cnnf.dlq.<durable>`, and
 //! `cnnf_ingest_gate_rejected{consumer,reason}` counts it.
@@ -38,7 +40,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use cnnf_bus::runner::ApplyError;
 use cnnf_bus::topology::WORKLOADS;
 use cnnf_bus::{Event, Projection};
-use cnnf_core::envelope::Rejection;
+use cnnf_core::envelope::{Origin, Rejection};
 use cnnf_core::subjects::{self, Token};
 use cnnf_proto::v1::{envelope::Payload, incident, Envelope, Incident, Workload};
 use cnnf_store::{ProjectionStore, Txn};
@@ -63,16 +65,10 @@ pub const PRODUCER: &str = "ingest";
 /// Why the gate refused an event.
 #[derive(Debug, thiserror::Error)]
 pub enum GateError {
-    /// The subject does not name the envelope's cluster and node.
-    #[error("subject {subject:?} does not name the envelope's cluster {cluster:?} and node {node:?}")]
-    OriginMismatch {
-        /// Subject the event came on.
-        subject: String,
-        /// Cluster in the envelope.
-        cluster: String,
-        /// Node in the envelope.
-        node: String,
-    },
+    /// The subject does not name the envelope's cluster and node (the
+    /// shared check's rejection).
+    #[error("{0}")]
+    OriginMismatch(Rejection),
     /// The cluster or node cannot be a subject token.
     #[error(transparent)]
     InvalidName(#[from] subjects::InvalidToken),
@@ -135,7 +131,7 @@ impl GateError {
     /// dead letter's detail.
     pub fn reason(&self) -> &'static str {
         match self {
-            Self::OriginMismatch { .. } => "origin-mismatch",
+            Self::OriginMismatch(_) => "origin-mismatch",
             Self::InvalidName(_) => "invalid-name",
             Self::UnexpectedEvent { .. } => "unexpected-event",
             Self::MissingTime(_) => "missing-time",
@@ -151,7 +147,10 @@ impl GateError {
     }
 
     fn into_rejection(self) -> Rejection {
-        Rejection::Invalid(format!("{}: {self}", self.reason()))
+        match self {
+            Self::OriginMismatch(rejection) => rejection,
+            other => Rejection::Invalid(format!("{}: {other}", other.reason())),
+        }
     }
 }
 
@@ -187,17 +186,18 @@ fn payload_name(payload: &Payload) -> &'static str {
     }
 }
 
-/// The cluster and node of an agent event, checked against its subject.
+/// The cluster and node of an agent event, checked against its subject
+/// with the check every consumer's runner applies
+/// ([`cnnf_core::envelope::check_origin`]); a subject that is not an agent
+/// subject names no node and is refused as a mismatch.
 pub fn check_origin(subject: &str, envelope: &Envelope) -> Result<(Token, Token), GateError> {
-    match subjects::agent_origin(subject) {
-        Some((cluster, node)) if cluster == envelope.cluster && node == envelope.node => {
-            Ok((Token::new("cluster", cluster)?, Token::new("node", node)?))
-        }
-        _ => Err(GateError::OriginMismatch {
+    match cnnf_core::envelope::check_origin(subject, envelope).map_err(GateError::OriginMismatch)? {
+        Origin::Agent { cluster, node } => Ok((Token::new("cluster", cluster)?, Token::new("node", node)?)),
+        Origin::Cluster { .. } | Origin::Unnamed => Err(GateError::OriginMismatch(Rejection::OriginMismatch {
             subject: subject.to_owned(),
             cluster: envelope.cluster.clone(),
             node: envelope.node.clone(),
-        }),
+        })),
     }
 }
 
@@ -601,6 +601,7 @@ mod tests {
                 let event = Event {
                     subject: &subject,
                     stream_sequence: self.sequence,
+                    received_unix_nanos: T0,
                     envelope,
                 };
                 txn.mark();

@@ -714,13 +714,13 @@ async fn spoofed_and_malformed_events_are_dead_lettered_and_leave_the_registry_a
         (
             n1.clone(),
             cnnf_core::envelope::encode(started("n2", "spoof", "img-x", &["10.3.0.2"], T0 + S)),
-            "invalid",
+            "origin-mismatch",
             "origin-mismatch",
         ),
         (
             workload_subject("n2"),
             cnnf_core::envelope::encode(stopped("n1", "good-1", T0 + 2 * S)),
-            "invalid",
+            "origin-mismatch",
             "origin-mismatch",
         ),
         (n1.clone(), b"\x08\xff\xff garbage".to_vec(), "malformed", "not a valid"),
@@ -785,6 +785,7 @@ async fn spoofed_and_malformed_events_are_dead_lettered_and_leave_the_registry_a
     }
     let letters = bus.read(DEAD_LETTER, "cnnf.dlq.ingest-heartbeats", 1).await;
     let headers = letters[0].headers.as_ref().unwrap();
+    assert_eq!(headers.get(DLQ_REASON).unwrap().as_str(), "origin-mismatch");
     assert!(headers.get(DLQ_DETAIL).unwrap().as_str().starts_with("origin-mismatch"));
 
     // The registry holds the two good containers and nothing else.
@@ -807,8 +808,10 @@ async fn spoofed_and_malformed_events_are_dead_lettered_and_leave_the_registry_a
     );
     let metrics = ingest.health.encode_metrics();
     for line in [
-        "cnnf_ingest_gate_rejected_total{consumer=\"ingest-workloads\",reason=\"origin-mismatch\"} 2",
-        "cnnf_ingest_gate_rejected_total{consumer=\"ingest-heartbeats\",reason=\"origin-mismatch\"} 1",
+        // The runner refuses a mismatched origin before the gate sees it.
+        "cnnf_ingest_workloads_projection_dead_lettered_total{consumer=\"ingest-workloads\",reason=\"origin-mismatch\"} 2",
+        "cnnf_ingest_heartbeats_projection_dead_lettered_total{consumer=\"ingest-heartbeats\",reason=\"origin-mismatch\"} 1",
+        "cnnf_ingest_gate_rejected_total{consumer=\"ingest-workloads\",reason=\"no-addresses\"} 1",
         "cnnf_ingest_workloads_projection_dead_lettered_total{consumer=\"ingest-workloads\",reason=\"oversized\"} 1",
     ] {
         assert!(metrics.contains(line), "{line} missing from\n{metrics}");

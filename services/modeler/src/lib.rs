@@ -54,13 +54,32 @@
 //! | --- | --- | --- | --- |
 //! | `--learning-seconds` | `CNNF_LEARNING_SECONDS` | 3600 | learning period of a new model (time its image is alive) |
 //! | `--burst-limit` | `CNNF_BURST_LIMIT` | 50 | new connections a learning image may learn per window |
-//! | `--burst-window-seconds` | `CNNF_BURST_WINDOW_SECONDS` | 10 | the burst window (event time) |
+//! | `--burst-window-seconds` | `CNNF_BURST_WINDOW_SECONDS` | 10 | the burst window (the server's receive time) |
+//! | `--workloads-grace-ms` | `CNNF_WORKLOADS_GRACE_MS` | 1000 | how much later than a flow message a workload message published before it may be received (and the clock difference to the NATS servers) |
+//! | `--workloads-wait-seconds` | `CNNF_WORKLOADS_WAIT_SECONDS` | 120 | longest wait of the flows runner on the workloads runner for one message |
 //! | `--grpc-addr` | `CNNF_GRPC_ADDR` | 127.0.0.1:9202 | the `Models` API |
 //!
 //! A learning image that reaches more than `burst-limit` new peers or
-//! ports (new connections) within `burst-window-seconds` does not learn
-//! the excess; a `LEARNING_BURST` incident is published on
+//! ports (new connections) within `burst-window-seconds` of the server's
+//! receive time (which a node cannot forge, unlike its decisions' times)
+//! does not learn the excess; a `LEARNING_BURST` incident is published on
 //! `cnnf.incident.<cluster>.learning-burst`, once per window.
+//!
+//! A node teaches only images it runs. The workloads runner keeps, per
+//! node and image, which containers started and stopped when
+//! (`modeler_placements`); the flows runner learns a decision's local end
+//! (the source of an egress decision, the destination of an ingress one)
+//! only if that node ran that image at the decision's time, and the
+//! destination of an egress decision only if the same node runs it too. A
+//! flow message claiming an image its node did not run is dead-lettered
+//! as `image-not-on-node` (`cnnf_modeler_flows_dead_lettered_total{reason}`)
+//! and nothing of it is learned. The two runners read different streams:
+//! a flow message is decided only once the workloads runner has provably
+//! applied every workload message the server received up to the flow
+//! message's receive time plus `workloads-grace-ms` (its own watermark,
+//! or the watcher seeing it caught up with the stream); until then the
+//! flows runner commits what came before and waits on it, and only what
+//! was received by then counts, so a rebuild decides the same.
 //!
 //! Derived events are also idempotent by their source, beyond JetStream's
 //! duplicate window (10 minutes): if the flows or workloads projection is
@@ -120,6 +139,10 @@ pub const DEFAULT_LEARNING_SECONDS: u64 = 3600;
 pub const DEFAULT_BURST_LIMIT: u64 = 50;
 /// Default burst window, seconds.
 pub const DEFAULT_BURST_WINDOW_SECONDS: u64 = 10;
+/// Default grace of the placement check, milliseconds.
+pub const DEFAULT_WORKLOADS_GRACE_MS: u64 = 1000;
+/// Default longest wait of the flows runner on the workloads runner, seconds.
+pub const DEFAULT_WORKLOADS_WAIT_SECONDS: u64 = 120;
 
 /// Configuration of the modeler service.
 #[derive(Debug, Clone, clap::Parser)]
@@ -140,9 +163,20 @@ pub struct Config {
     /// excess raises a LEARNING_BURST incident (1 to 1000000).
     #[arg(long, env = "CNNF_BURST_LIMIT", default_value_t = DEFAULT_BURST_LIMIT, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub burst_limit: u64,
-    /// The burst window, seconds of event time (1 to 86400).
+    /// The burst window, seconds of the server's receive time (1 to 86400).
     #[arg(long, env = "CNNF_BURST_WINDOW_SECONDS", default_value_t = DEFAULT_BURST_WINDOW_SECONDS, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub burst_window_seconds: u64,
+    /// How much later than a flow message the server may have received a
+    /// workload message its agent published before it, milliseconds (0 to
+    /// 600000); must also cover the difference between this host's clock
+    /// and the NATS servers'.
+    #[arg(long, env = "CNNF_WORKLOADS_GRACE_MS", default_value_t = DEFAULT_WORKLOADS_GRACE_MS, value_parser = clap::value_parser!(u64).range(0..=600_000))]
+    pub workloads_grace_ms: u64,
+    /// Longest wait of the flows runner for the workloads runner to catch
+    /// up with one flow message, seconds (1 to 86400); then the message is
+    /// dead-lettered as `workloads-behind`.
+    #[arg(long, env = "CNNF_WORKLOADS_WAIT_SECONDS", default_value_t = DEFAULT_WORKLOADS_WAIT_SECONDS, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub workloads_wait_seconds: u64,
     /// Address of the Models gRPC API.
     #[arg(long, env = "CNNF_GRPC_ADDR", default_value = DEFAULT_GRPC_ADDR)]
     pub grpc_addr: SocketAddr,
@@ -156,6 +190,8 @@ impl Config {
             learning_seconds: DEFAULT_LEARNING_SECONDS,
             burst_limit: DEFAULT_BURST_LIMIT,
             burst_window_seconds: DEFAULT_BURST_WINDOW_SECONDS,
+            workloads_grace_ms: DEFAULT_WORKLOADS_GRACE_MS,
+            workloads_wait_seconds: DEFAULT_WORKLOADS_WAIT_SECONDS,
             grpc_addr: SocketAddr::from(([127, 0, 0, 1], 9202)),
         }
     }
@@ -307,6 +343,11 @@ pub async fn run_with_store(
             limit: config.burst_limit,
             window: Duration::from_secs(config.burst_window_seconds),
         },
+        placement: projection::PlacementCheck {
+            caught_up: Default::default(),
+            grace: Duration::from_millis(config.workloads_grace_ms),
+        },
+        workloads_wait: Duration::from_secs(config.workloads_wait_seconds),
         options: options.clone(),
         metrics,
         republished,
@@ -370,6 +411,7 @@ pub async fn run_with_store(
         flows_notify,
         stopping.clone(),
     ));
+    tasks.spawn(service::watch_workloads(Arc::clone(&shared), stopping.clone()));
     tasks.spawn(service::lock_timer(shared, timer_interval, stopping));
     ready.set(true);
     tracing::info!(
@@ -417,6 +459,8 @@ mod tests {
         assert_eq!(parsed.learning_seconds, built.learning_seconds);
         assert_eq!(parsed.burst_limit, built.burst_limit);
         assert_eq!(parsed.burst_window_seconds, built.burst_window_seconds);
+        assert_eq!(parsed.workloads_grace_ms, built.workloads_grace_ms);
+        assert_eq!(parsed.workloads_wait_seconds, built.workloads_wait_seconds);
         assert_eq!(parsed.grpc_addr, built.grpc_addr);
         assert_eq!(parsed.grpc_addr.to_string(), DEFAULT_GRPC_ADDR);
         assert_eq!(parsed.learning_seconds, 3600);
@@ -430,6 +474,8 @@ mod tests {
             ("--learning-seconds", "soon"),
             ("--burst-limit", "0"),
             ("--burst-window-seconds", "-1"),
+            ("--workloads-grace-ms", "600001"),
+            ("--workloads-wait-seconds", "0"),
             ("--grpc-addr", "localhost"),
         ] {
             let argument = format!("{flag}={value}");

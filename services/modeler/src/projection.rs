@@ -7,11 +7,20 @@
 //!   after that event's time. When an image's last container stops, and
 //!   when one starts again, it writes a `Liveness` model event: the
 //!   learning clock counts only time the image is alive.
-//! - [`FlowProjection`] (`CNNF_FLOWS`): for each decision, the sides whose
-//!   model is learning (as the models runner last committed it) are
+//! - [`WorkloadProjection`] also keeps the placements: per node and image,
+//!   each container's start and stop (event and receive times), and the
+//!   receive time of the newest workload message applied.
+//! - [`FlowProjection`] (`CNNF_FLOWS`): first the placement check
+//!   ([`PlacementCheck`]): the decision's local image end must have run on
+//!   the reporting node at the decision's time, or the message is refused
+//!   (`image-not-on-node`); until the workloads runner is known to have
+//!   applied what the server received up to the message's receive time
+//!   plus the grace, the message is not decidable yet
+//!   (`ApplyError::NotYet`). Then, for each decision, the sides the node
+//!   hosts whose model is learning (as the models runner last committed it) are
 //!   forwarded as one `Learned` event per image and flow message, unless
 //!   the image is in a burst (more than `burst limit` new connections in
-//!   `burst window` of event time): the excess is not learned and a
+//!   `burst window` of the server's receive time): the excess is not learned and a
 //!   `LEARNING_BURST` incident is raised, once per window. An image seen in
 //!   a decision before it has a model gets one: the flows runner publishes
 //!   a `Created` for it ahead of its `Learned`.
@@ -35,6 +44,7 @@
 //! [`derived_source`]).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -44,16 +54,16 @@ use cnnf_bus::{Event, Projection};
 use cnnf_core::envelope::Rejection;
 use cnnf_core::subjects::{self, Token};
 use cnnf_proto::v1::{
-    envelope::Payload, incident, model_event, ConnectionDecision, Envelope, Incident, LearnedConnection, ModelEvent,
-    ModelState, Side,
+    envelope::Payload, incident, model_event, ConnectionDecision, Direction, Envelope, Incident, LearnedConnection,
+    ModelEvent, ModelState, Side,
 };
 use cnnf_store::{ProjectionStore, Txn};
 use prometheus_client::metrics::counter::Counter;
 use prost::Message as _;
 
 use crate::store::{
-    self, BurstRecord, ImageRecord, ModelRecord, OutboxMessage, CONTAINERS, FLOWS_BURST, FLOWS_KNOWN, FLOWS_OUTBOX,
-    IMAGES, LEARNED, MODELS, MODELS_SOURCES, WORKLOADS_OUTBOX,
+    self, BurstRecord, ImageRecord, ModelRecord, OutboxMessage, Placements, Span, CONTAINERS, FLOWS_BURST, FLOWS_KNOWN,
+    FLOWS_OUTBOX, IMAGES, LEARNED, MODELS, MODELS_SOURCES, PLACEMENTS, WORKLOADS_OUTBOX,
 };
 
 /// Producer name in the ids of what the modeler publishes.
@@ -114,10 +124,67 @@ impl WorkloadProjection {
     }
 }
 
+/// Records that `container` of `image` started on `node` of `cluster`.
+fn place(txn: &mut Txn<'_>, event: &Event<'_>, image: &str, container: &str) -> Result<(), ApplyError> {
+    let envelope = &event.envelope;
+    let key = store::placement_key(&envelope.cluster, &envelope.node, image);
+    let mut placements = read::<Placements>(txn, PLACEMENTS, &key)?.unwrap_or_default();
+    let running = placements
+        .spans
+        .iter()
+        .any(|span| span.container_id == container && span.stopped_received_unix_nanos == 0);
+    if !running {
+        placements.spans.push(Span {
+            container_id: container.to_owned(),
+            started_unix_nanos: envelope.time_unix_nanos,
+            started_received_unix_nanos: event.received_unix_nanos,
+            stopped_unix_nanos: 0,
+            stopped_received_unix_nanos: 0,
+        });
+    }
+    placements.prune(event.received_unix_nanos);
+    txn.put(PLACEMENTS, key, placements.encode_to_vec());
+    Ok(())
+}
+
+/// Records that `container` (of whichever image it ran) stopped on the
+/// node of the event, at the event's time.
+fn unplace(txn: &mut Txn<'_>, event: &Event<'_>, container: &str) -> Result<(), ApplyError> {
+    let Some(image) = txn.get(CONTAINERS, container.as_bytes())? else {
+        return Ok(());
+    };
+    let envelope = &event.envelope;
+    let key = store::placement_key(&envelope.cluster, &envelope.node, &String::from_utf8_lossy(&image));
+    let Some(mut placements) = read::<Placements>(txn, PLACEMENTS, &key)? else {
+        return Ok(());
+    };
+    for span in &mut placements.spans {
+        if span.container_id == container && span.stopped_received_unix_nanos == 0 {
+            span.stopped_unix_nanos = envelope.time_unix_nanos.max(span.started_unix_nanos);
+            span.stopped_received_unix_nanos = event.received_unix_nanos.max(1);
+        }
+    }
+    placements.prune(event.received_unix_nanos);
+    txn.put(PLACEMENTS, key, placements.encode_to_vec());
+    Ok(())
+}
+
 impl Projection for WorkloadProjection {
     fn apply(&mut self, event: &Event<'_>, txn: &mut Txn<'_>) -> Result<(), ApplyError> {
         let envelope = &event.envelope;
         let time = envelope.time_unix_nanos;
+        // How far the flows runner may trust this projection: every
+        // workload message the server received by then is applied.
+        let received = txn
+            .get(PLACEMENTS, store::WORKLOADS_RECEIVED_KEY)?
+            .and_then(|bytes| bytes.try_into().ok().map(i64::from_be_bytes))
+            .unwrap_or(i64::MIN)
+            .max(event.received_unix_nanos);
+        txn.put(
+            PLACEMENTS,
+            store::WORKLOADS_RECEIVED_KEY.to_vec(),
+            received.to_be_bytes().to_vec(),
+        );
         // Images whose liveness changed: (image, alive).
         let mut liveness: Vec<(String, bool)> = Vec::new();
         match &envelope.payload {
@@ -177,16 +244,19 @@ impl Projection for WorkloadProjection {
                 }
                 txn.put(IMAGES, key.to_vec(), record.encode_to_vec());
                 txn.put(CONTAINERS, workload.container_id.as_bytes().to_vec(), key.to_vec());
+                place(txn, event, image.as_str(), &workload.container_id)?;
             }
             Some(Payload::WorkloadStopped(stopped)) => {
                 let workload = stopped
                     .workload
                     .as_ref()
                     .ok_or_else(|| invalid("the event carries no workload"))?;
+                unplace(txn, event, &workload.container_id)?;
                 liveness.extend(remove_container(txn, &workload.container_id)?.map(|image| (image, false)));
             }
             Some(Payload::NodeGone(gone)) => {
                 for container in &gone.container_ids {
+                    unplace(txn, event, container)?;
                     liveness.extend(remove_container(txn, container)?.map(|image| (image, false)));
                 }
             }
@@ -275,16 +345,171 @@ struct ImageCandidates {
 pub struct FlowProjection {
     burst: BurstLimit,
     learning_period: Duration,
+    placement: PlacementCheck,
+}
+
+/// Dead-letter reason of a flow message that claims an image its node
+/// does not run.
+pub const IMAGE_NOT_ON_NODE: &str = "image-not-on-node";
+/// Dead-letter reason of a flow message the workloads runner did not
+/// catch up with within the runner's retry limit.
+pub const WORKLOADS_BEHIND: &str = "workloads-behind";
+
+/// What the flows runner checks a decision's images against: the
+/// placements the workloads runner keeps, once it is known to have applied
+/// every workload message the server received up to the flow message's
+/// receive time plus `grace`.
+#[derive(Debug, Clone, Default)]
+pub struct PlacementCheck {
+    /// Server time through which the workloads runner is known to have
+    /// applied every workload message (Unix nanoseconds), kept by the
+    /// service's watcher ([`crate::service::watch_workloads`]); the runner's
+    /// own committed watermark counts too.
+    pub caught_up: Arc<AtomicI64>,
+    /// How much later than a flow message the server may have received a
+    /// workload message its agent published before it (two streams, two
+    /// stores, and the watcher's clock against the server's).
+    pub grace: Duration,
+}
+
+/// One image end of a decision to check against the reporting node.
+struct Claim<'a> {
+    /// Index of the decision in its batch.
+    index: usize,
+    image: &'a str,
+    first: i64,
+    last: i64,
+    /// The end the decision's direction says is local: if the node does not
+    /// run it, the message lies.
+    required: bool,
+    /// Which side it would teach.
+    side: Side,
+}
+
+fn image_end(endpoint: Option<&cnnf_proto::v1::Endpoint>) -> Option<&str> {
+    let identity = endpoint?.identity.as_ref()?;
+    (identity.kind == cnnf_proto::v1::IdentityKind::Image as i32 && Token::new("image_id", &identity.id).is_ok())
+        .then_some(identity.id.as_str())
+}
+
+/// The image ends of `decision` its node must (or may) host. An ingress
+/// decision is about the local destination only; an egress one (or one
+/// without a direction) about the local source, and the destination too
+/// when the same node runs it (the agent records a connection between two
+/// of its own workloads as egress).
+fn claims<'a>(index: usize, decision: &'a ConnectionDecision, time: i64, out: &mut Vec<Claim<'a>>) {
+    let first = if decision.first_seen_unix_nanos > 0 {
+        decision.first_seen_unix_nanos
+    } else {
+        time
+    };
+    let last = decision.last_seen_unix_nanos.max(first);
+    let claim = |image, required, side| Claim {
+        index,
+        image,
+        first,
+        last,
+        required,
+        side,
+    };
+    let source = image_end(decision.source.as_ref());
+    let destination = image_end(decision.destination.as_ref());
+    if decision.direction == Direction::Ingress as i32 {
+        out.extend(destination.map(|image| claim(image, true, Side::Inbound)));
+    } else {
+        out.extend(source.map(|image| claim(image, true, Side::Outbound)));
+        out.extend(destination.map(|image| claim(image, false, Side::Inbound)));
+    }
 }
 
 impl FlowProjection {
-    /// A fold with burst limits `burst`; models it creates learn for `learning_period`.
-    pub fn new(burst: BurstLimit, learning_period: Duration) -> Self {
-        Self { burst, learning_period }
+    /// A fold with burst limits `burst`; models it creates learn for
+    /// `learning_period`; decisions are checked against the placements as
+    /// `placement` says.
+    pub fn new(burst: BurstLimit, learning_period: Duration, placement: PlacementCheck) -> Self {
+        Self {
+            burst,
+            learning_period,
+            placement,
+        }
     }
 
-    /// The candidate (image, image name, connection) triples of one decision.
-    fn candidates(decision: &ConnectionDecision, time: i64, out: &mut Vec<(String, String, LearnedConnection)>) {
+    /// Which sides of each decision the reporting node may teach
+    /// (`(source outbound, destination inbound)`), or why the message is
+    /// refused or cannot be decided yet.
+    fn teachable(
+        &self,
+        event: &Event<'_>,
+        decisions: &[ConnectionDecision],
+        txn: &Txn<'_>,
+    ) -> Result<Vec<(bool, bool)>, ApplyError> {
+        let envelope = &event.envelope;
+        let mut found = Vec::new();
+        for (index, decision) in decisions.iter().enumerate() {
+            claims(index, decision, envelope.time_unix_nanos, &mut found);
+        }
+        let mut sides = vec![(false, false); decisions.len()];
+        if found.is_empty() {
+            return Ok(sides);
+        }
+        let cutoff = event.received_unix_nanos.saturating_add(nanos(self.placement.grace));
+        let applied = txn
+            .get(PLACEMENTS, store::WORKLOADS_RECEIVED_KEY)?
+            .and_then(|bytes| bytes.try_into().ok().map(i64::from_be_bytes))
+            .unwrap_or(i64::MIN);
+        let progress = applied.max(self.placement.caught_up.load(Ordering::SeqCst));
+        if progress < cutoff {
+            return Err(ApplyError::NotYet(Rejection::Refused {
+                reason: WORKLOADS_BEHIND,
+                detail: format!(
+                    "the workloads runner is known to have applied workload messages received through {progress}, \
+                     not yet through {cutoff} (this flow message's receive time and the grace): waited for it in vain"
+                ),
+            }));
+        }
+        let mut placements: HashMap<&str, Option<Placements>> = HashMap::new();
+        for claim in found {
+            let record = match placements.get(claim.image) {
+                Some(record) => record,
+                None => {
+                    let key = store::placement_key(&envelope.cluster, &envelope.node, claim.image);
+                    let record = read::<Placements>(txn, PLACEMENTS, &key)?;
+                    placements.entry(claim.image).or_insert(record)
+                }
+            };
+            let placed = record
+                .as_ref()
+                .is_some_and(|record| record.ran_during(claim.first, claim.last, cutoff));
+            if !placed {
+                if claim.required {
+                    return Err(ApplyError::Reject(Rejection::Refused {
+                        reason: IMAGE_NOT_ON_NODE,
+                        detail: format!(
+                            "decision {} claims image {} ran on node {} of cluster {} between {} and {}, which that node \
+                             never announced; nothing of the message is learned",
+                            claim.index, claim.image, envelope.node, envelope.cluster, claim.first, claim.last
+                        ),
+                    }));
+                }
+                continue;
+            }
+            let entry = &mut sides[claim.index];
+            match claim.side {
+                Side::Outbound => entry.0 = true,
+                _ => entry.1 = true,
+            }
+        }
+        Ok(sides)
+    }
+
+    /// The candidate (image, image name, connection) triples of one
+    /// decision, on the sides `(source, destination)` it may teach.
+    fn candidates(
+        decision: &ConnectionDecision,
+        time: i64,
+        (teach_source, teach_destination): (bool, bool),
+        out: &mut Vec<(String, String, LearnedConnection)>,
+    ) {
         let (Some(source), Some(destination)) = (decision.source.as_ref(), decision.destination.as_ref()) else {
             return;
         };
@@ -309,12 +534,12 @@ impl FlowProjection {
         let is_image = |identity: &cnnf_proto::v1::Identity| {
             identity.kind == cnnf_proto::v1::IdentityKind::Image as i32 && Token::new("image_id", &identity.id).is_ok()
         };
-        if is_image(src) {
+        if teach_source && is_image(src) {
             if let Some(peer) = store::peer_identity(dst) {
                 out.push((src.id.clone(), src.name.clone(), connection(Side::Outbound, peer)));
             }
         }
-        if is_image(dst) {
+        if teach_destination && is_image(dst) {
             if let Some(peer) = store::peer_identity(src) {
                 out.push((dst.id.clone(), dst.name.clone(), connection(Side::Inbound, peer)));
             }
@@ -322,11 +547,11 @@ impl FlowProjection {
     }
 
     /// The decisions of one message grouped by image (in image order).
-    fn group(decisions: &[ConnectionDecision], time: i64) -> BTreeMap<String, ImageCandidates> {
+    fn group(decisions: &[ConnectionDecision], time: i64, sides: &[(bool, bool)]) -> BTreeMap<String, ImageCandidates> {
         let mut images: BTreeMap<String, ImageCandidates> = BTreeMap::new();
         let mut found = Vec::new();
-        for decision in decisions {
-            Self::candidates(decision, time, &mut found);
+        for (decision, sides) in decisions.iter().zip(sides) {
+            Self::candidates(decision, time, *sides, &mut found);
             for (image, name, connection) in found.drain(..) {
                 let key = store::learned_key(&image, &connection);
                 let entry = match images.get_mut(&image) {
@@ -364,10 +589,14 @@ impl Projection for FlowProjection {
             ));
         };
         let time = envelope.time_unix_nanos;
+        // Bursts are counted in the server's receive time: a node can forge
+        // its decisions' times, not when the server stored them.
+        let received = event.received_unix_nanos;
         let sequence = event.stream_sequence;
         let window = nanos(self.burst.window);
         let mut incidents: Vec<(String, BurstRecord)> = Vec::new();
-        let grouped = Self::group(&batch.decisions, time);
+        let sides = self.teachable(event, &batch.decisions, txn)?;
+        let grouped = Self::group(&batch.decisions, time, &sides);
         // Parts are fixed by the message alone, whatever the model state:
         // image `i` (in image order) owns parts 2i (its `Created`) and
         // 2i + 1 (its `Learned`); incidents follow. A rebuild that derives
@@ -428,9 +657,9 @@ impl Projection for FlowProjection {
                     .and_then(|bytes| cnnf_store::decode_u64(&bytes))
                     .is_some_and(|known| known == generation);
                 if !known {
-                    if burst.new_count == 0 || time.saturating_sub(burst.window_start_unix_nanos) >= window {
+                    if burst.new_count == 0 || received.saturating_sub(burst.window_start_unix_nanos) >= window {
                         burst = BurstRecord {
-                            window_start_unix_nanos: time,
+                            window_start_unix_nanos: received,
                             new_count: 0,
                             incident_raised: false,
                             model_created: burst.model_created,

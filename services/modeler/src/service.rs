@@ -7,6 +7,8 @@
 //!   what a committed batch derived (deterministic ids, so a republish
 //!   after a crash is dropped by JetStream) and then delete it;
 //! - the lock timer ([`lock_timer`]);
+//! - the workloads watcher ([`watch_workloads`]), which tells the flows
+//!   runner how far the workloads runner has provably got;
 //! - the gRPC API ([`crate::api`]).
 
 use std::sync::{Arc, PoisonError};
@@ -21,7 +23,9 @@ use cnnf_proto::v1::{model_event, ModelEvent};
 use cnnf_store::{ProjectionStore, WriteBatch};
 use tokio::sync::{watch, Notify};
 
-use crate::projection::{model_envelope, BurstLimit, FlowProjection, ModelProjection, Pending, WorkloadProjection};
+use crate::projection::{
+    model_envelope, BurstLimit, FlowProjection, ModelProjection, Pending, PlacementCheck, WorkloadProjection,
+};
 use crate::store::{self, ModelRecord, OutboxMessage};
 use crate::RunOptions;
 
@@ -58,6 +62,11 @@ pub struct Shared {
     pub learning_period: Duration,
     /// Burst limits.
     pub burst: BurstLimit,
+    /// How decisions are checked against the workloads runner's placements.
+    pub placement: PlacementCheck,
+    /// Longest wait of the flows runner on the workloads runner for one
+    /// flow message.
+    pub workloads_wait: Duration,
     /// Test hooks.
     pub options: RunOptions,
     /// Counters of the workloads, flows and models runners.
@@ -97,16 +106,13 @@ pub async fn supervise_runner<P: Projection>(
         if *stop.borrow() {
             return Ok(());
         }
-        let runner = ProjectionRunner::new(
-            shared.js.clone(),
-            Arc::clone(&shared.store),
-            make(),
-            runner_config(stream, durable, &shared.options),
-        )
-        .with_hooks(RunnerHooks {
-            after_commit: after_commit.clone(),
-        })
-        .with_metrics(metrics.clone());
+        let mut config = runner_config(stream, durable, &shared.options);
+        config.retry_limit = shared.workloads_wait;
+        let runner = ProjectionRunner::new(shared.js.clone(), Arc::clone(&shared.store), make(), config)
+            .with_hooks(RunnerHooks {
+                after_commit: after_commit.clone(),
+            })
+            .with_metrics(metrics.clone());
         match runner.run(stopped(stop.clone())).await {
             Ok(_) => return Ok(()),
             Err(error) => {
@@ -136,6 +142,7 @@ pub async fn runners(shared: Arc<Shared>, notify: [Arc<Notify>; 2], stop: watch:
     let [workloads_notify, flows_notify] = notify;
     let period = shared.learning_period;
     let burst = shared.burst;
+    let placement = shared.placement.clone();
     let workloads = supervise_runner(
         Arc::clone(&shared),
         WORKLOADS,
@@ -149,7 +156,7 @@ pub async fn runners(shared: Arc<Shared>, notify: [Arc<Notify>; 2], stop: watch:
         Arc::clone(&shared),
         FLOWS,
         FLOWS_DURABLE,
-        move || FlowProjection::new(burst, period),
+        move || FlowProjection::new(burst, period, placement.clone()),
         Some(waking_hook(
             flows_notify,
             shared.options.flows_after_commit.clone(),
@@ -179,6 +186,53 @@ pub async fn runners(shared: Arc<Shared>, notify: [Arc<Notify>; 2], stop: watch:
     };
     let (a, b, c) = tokio::join!(workloads, flows, models);
     a.and(b).and(c)
+}
+
+/// How often the workloads watcher looks.
+const WATCH_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Keeps [`PlacementCheck::caught_up`]: every [`WATCH_INTERVAL`] it notes
+/// the time, reads `CNNF_WORKLOADS`'s last sequence, and if the workloads
+/// runner's store has applied through it, every workload message the
+/// server received before that time is applied, so the flows runner may
+/// decide flow messages received up to that time less the grace. The time
+/// is this process's clock, compared with the server's receive times: the
+/// grace must cover the difference between the two clocks. Without it, a
+/// quiet workload stream would leave the flows runner waiting until the
+/// next workload message.
+pub async fn watch_workloads(shared: Arc<Shared>, stop: watch::Receiver<bool>) -> anyhow::Result<()> {
+    let durable = runner_config(WORKLOADS, WORKLOADS_DURABLE, &shared.options).durable;
+    loop {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|elapsed| i64::try_from(elapsed.as_nanos()).unwrap_or(i64::MAX))
+            .unwrap_or(0);
+        let last = match shared.js.get_stream(WORKLOADS).await {
+            Ok(mut stream) => match stream.info().await {
+                Ok(info) => Some(info.state.last_sequence),
+                Err(error) => {
+                    tracing::warn!(message = "Workloads watcher: reading CNNF_WORKLOADS failed.", %error);
+                    None
+                }
+            },
+            Err(error) => {
+                tracing::warn!(message = "Workloads watcher: reading CNNF_WORKLOADS failed.", %error);
+                None
+            }
+        };
+        if let Some(last) = last {
+            if cnnf_store::applied_sequence(shared.store.as_ref(), &durable)? >= last {
+                shared
+                    .placement
+                    .caught_up
+                    .fetch_max(now, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+        tokio::select! {
+            () = stopped(stop.clone()) => return Ok(()),
+            () = tokio::time::sleep(WATCH_INTERVAL) => {}
+        }
+    }
 }
 
 /// The stream sequence through which the declared consumer `durable` on

@@ -7,6 +7,7 @@
 //! | --- | --- | --- | --- |
 //! | `modeler_images` | workloads runner | image id | [`ImageRecord`]: name, first seen, alive containers |
 //! | `modeler_containers` | workloads runner | container id | image id (for `NodeGone`) |
+//! | `modeler_placements` | workloads runner | [`placement_key`] `<cluster> 0 <node> 0 <image>` | [`Placements`]: the image's containers on that node, started and stopped (event and receive times); and [`WORKLOADS_RECEIVED_KEY`]: the receive time of the newest workload message applied |
 //! | `modeler_workloads_outbox` | workloads runner (puts), its drainer (deletes) | `<seq> <part>` | [`OutboxMessage`] |
 //! | `modeler_models` | models runner | image id | [`ModelRecord`]: state, learning end, revision, generation |
 //! | `modeler_learned` | models runner | [`learned_key`] | `cnnf.v1.LearnedConnection` |
@@ -16,8 +17,8 @@
 //! | `modeler_flows_outbox` | flows runner (puts), its drainer (deletes) | `<seq> <part>` | [`OutboxMessage`] |
 //!
 //! The *model set* (what a replay must reproduce exactly) is
-//! [`MODEL_TABLES`]: images, containers, models, learned connections and
-//! the applied sources of derived events.
+//! [`MODEL_TABLES`]: images, containers, placements, models, learned
+//! connections and the applied sources of derived events.
 //! Records are protobuf messages without maps, so their encoding is
 //! deterministic.
 
@@ -27,6 +28,20 @@ use cnnf_proto::v1::{Identity, IdentityKind, LearnedConnection, Protocol, Side};
 pub const IMAGES: &str = "modeler_images";
 /// Container to image, owned by the workloads runner.
 pub const CONTAINERS: &str = "modeler_containers";
+/// Which node runs which image's containers, and when; owned by the
+/// workloads runner, read by the flows runner.
+pub const PLACEMENTS: &str = "modeler_placements";
+/// Key in [`PLACEMENTS`] of the server receive time (Unix nanoseconds,
+/// big-endian i64) of the newest workload message the workloads runner
+/// applied. No placement key starts with a 0 byte (a cluster name is
+/// never empty).
+pub const WORKLOADS_RECEIVED_KEY: &[u8] = b"\0workloads-received";
+/// Stopped containers are kept this long (server receive time after
+/// their stop) for late decisions: the flows stream's default retention.
+pub const STOPPED_RETENTION_NANOS: i64 = 7 * 24 * 3600 * 1_000_000_000;
+/// Most containers of one image on one node kept; beyond, the oldest
+/// stopped go first.
+pub const MAX_SPANS: usize = 256;
 /// Model events derived from workload events, to publish after commit.
 pub const WORKLOADS_OUTBOX: &str = "modeler_workloads_outbox";
 /// Model state, owned by the models runner.
@@ -49,6 +64,7 @@ pub const FLOWS_OUTBOX: &str = "modeler_flows_outbox";
 pub const TABLES: &[&str] = &[
     IMAGES,
     CONTAINERS,
+    PLACEMENTS,
     WORKLOADS_OUTBOX,
     MODELS,
     LEARNED,
@@ -60,7 +76,7 @@ pub const TABLES: &[&str] = &[
 
 /// The tables that make up the model set: a replay of the log into an
 /// empty store reproduces them byte for byte.
-pub const MODEL_TABLES: &[&str] = &[IMAGES, CONTAINERS, MODELS, LEARNED, MODELS_SOURCES];
+pub const MODEL_TABLES: &[&str] = &[IMAGES, CONTAINERS, PLACEMENTS, MODELS, LEARNED, MODELS_SOURCES];
 
 /// What the modeler knows of an image's containers.
 #[derive(Clone, PartialEq, prost::Message)]
@@ -86,6 +102,85 @@ impl ImageRecord {
         let namespaces: std::collections::BTreeSet<&String> = self.namespaces.values().collect();
         namespaces.into_iter().cloned().collect()
     }
+}
+
+/// One container of an image on a node: when it started and stopped, in
+/// event time (the node's clock) and in receive time (the server's).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Span {
+    /// Container id.
+    #[prost(string, tag = "1")]
+    pub container_id: String,
+    /// Event time of the start.
+    #[prost(int64, tag = "2")]
+    pub started_unix_nanos: i64,
+    /// Server receive time of the start.
+    #[prost(int64, tag = "3")]
+    pub started_received_unix_nanos: i64,
+    /// Event time of the stop (0: running).
+    #[prost(int64, tag = "4")]
+    pub stopped_unix_nanos: i64,
+    /// Server receive time of the stop (0: running).
+    #[prost(int64, tag = "5")]
+    pub stopped_received_unix_nanos: i64,
+}
+
+/// The containers of one image on one node, oldest start first.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Placements {
+    /// The containers, running and recently stopped.
+    #[prost(message, repeated, tag = "1")]
+    pub spans: Vec<Span>,
+}
+
+impl Placements {
+    /// True if a container of the image ran on the node at some instant
+    /// of `[first, last]` (event time), counting only what the server had
+    /// received by `cutoff`: a start received later did not happen yet,
+    /// nor did a stop received later. The answer is therefore the same
+    /// however far the workloads runner has got beyond `cutoff`.
+    pub fn ran_during(&self, first: i64, last: i64, cutoff: i64) -> bool {
+        self.spans.iter().any(|span| {
+            span.started_received_unix_nanos <= cutoff
+                && span.started_unix_nanos <= last
+                && (span.stopped_received_unix_nanos == 0
+                    || span.stopped_received_unix_nanos > cutoff
+                    || span.stopped_unix_nanos >= first)
+        })
+    }
+
+    /// Drops stopped containers received stopped more than the retention
+    /// before `received`, and the oldest stopped beyond [`MAX_SPANS`].
+    pub fn prune(&mut self, received: i64) {
+        let horizon = received.saturating_sub(STOPPED_RETENTION_NANOS);
+        self.spans
+            .retain(|span| span.stopped_received_unix_nanos == 0 || span.stopped_received_unix_nanos >= horizon);
+        while self.spans.len() > MAX_SPANS {
+            let Some(oldest) = self
+                .spans
+                .iter()
+                .enumerate()
+                .filter(|(_, span)| span.stopped_received_unix_nanos != 0)
+                .min_by_key(|(_, span)| span.stopped_received_unix_nanos)
+                .map(|(at, _)| at)
+            else {
+                break;
+            };
+            self.spans.remove(oldest);
+        }
+    }
+}
+
+/// Key of the placements of `image_id` on `node` of `cluster`:
+/// `<cluster> 0 <node> 0 <image>`.
+pub fn placement_key(cluster: &str, node: &str, image_id: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(cluster.len() + node.len() + image_id.len() + 2);
+    key.extend_from_slice(cluster.as_bytes());
+    key.push(0);
+    key.extend_from_slice(node.as_bytes());
+    key.push(0);
+    key.extend_from_slice(image_id.as_bytes());
+    key
 }
 
 /// The state of one model, as the `CNNF_MODELS` log made it.

@@ -18,7 +18,7 @@ use cnnf_bus::topology::{FLOWS, INCIDENTS, MODELS, WORKLOADS};
 use cnnf_modeler::{Config, RunOptions, FLOWS_DURABLE, MODELS_DURABLE, MODEL_TABLES, WORKLOADS_DURABLE};
 use cnnf_proto::v1::models_client::ModelsClient;
 use cnnf_proto::v1::{
-    envelope::Payload, model_command, model_event, ConnectionDecision, DecisionBatch, Endpoint, Envelope,
+    envelope::Payload, model_command, model_event, ConnectionDecision, DecisionBatch, Direction, Endpoint, Envelope,
     GetModelRequest, Identity, IdentityKind, LearnedConnection, ListLearnedConnectionsRequest, ModelCommand,
     ModelState, ModelSummary, Protocol, Side, Workload, WorkloadStarted, WorkloadStopped,
 };
@@ -103,9 +103,10 @@ impl Modeler {
             CLUSTER,
             "--grpc-addr",
             &grpc_text,
-            "--learning-seconds",
-            "100",
         ];
+        if !extra.contains(&"--learning-seconds") {
+            args.extend_from_slice(&["--learning-seconds", "100"]);
+        }
         args.extend_from_slice(extra);
         let config = Config::try_parse_from(args).unwrap();
         cnnf_service::init_logging();
@@ -1064,15 +1065,29 @@ fn record(store: &dyn ProjectionStore, image: &str) -> cnnf_modeler::store::Mode
     cnnf_modeler::store::decode("model", &bytes).unwrap()
 }
 
+/// The value of the metric line starting with `name` (0 when absent).
+fn metric(modeler: &Modeler, name: &str) -> u64 {
+    modeler
+        .health
+        .encode_metrics()
+        .lines()
+        .find_map(|line| line.strip_prefix(name).and_then(|rest| rest.trim().parse().ok()))
+        .unwrap_or(0)
+}
+
+const FLOWS_DEAD_LETTERED: &str = "cnnf_modeler_flows_dead_lettered_total{consumer=\"modeler-flows\",reason=";
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_decision_before_any_workload_event_creates_the_model_and_is_learned() {
+async fn a_decision_stored_before_its_workload_started_is_learned_once_the_workload_arrives() {
     let server = NatsServer::start().await;
     let js = connect(&server).await;
     let dir = tempfile::tempdir().unwrap();
     let clock = TestClock::new(T0);
     let modeler = Modeler::start(&server, open_store(dir.path()), &[], clock.options()).await;
 
-    // No workload event at all: A → B:5432, first seen at 5 s.
+    // The agent spooled the starts first, but the flows stream has the
+    // decision before the workloads stream has the starts (the two
+    // runners lag each other): A → B:5432, first seen at 5 s.
     decisions(
         &js,
         "1",
@@ -1080,30 +1095,32 @@ async fn a_decision_before_any_workload_event_creates_the_model_and_is_learned()
         vec![decision(image(A), image(B), 5432, T0 + 5 * S, 2)],
     )
     .await;
+    start_workload(&js, "a1", A, T0).await;
+    start_workload(&js, "b1", B, T0).await;
     let a = modeler
-        .model_where("A created by the decision", A, |m| m.outbound_count == 1)
+        .model_where("A learned once its workload arrived", A, |m| m.outbound_count == 1)
         .await;
     assert_eq!(
         (a.state, a.container_count, a.learning_ends_unix_nanos),
-        (LEARNING, 0, T0 + 105 * S),
-        "learning, a period after the image was first seen in a decision"
+        (LEARNING, 1, T0 + 100 * S)
     );
     assert_eq!(a.image_name, format!("{A}-name"));
-    let b = modeler
-        .model_where("B created by the decision", B, |m| m.inbound_count == 1)
+    modeler
+        .model_where("B learned inbound", B, |m| m.inbound_count == 1)
         .await;
-    assert_eq!((b.state, b.learning_ends_unix_nanos), (LEARNING, T0 + 105 * S));
     assert_eq!(modeler.learned(A, Side::Outbound, 5432).await[0].count, 2);
-
-    // The workload shows up later: its Created resets nothing.
-    start_workload(&js, "a1", A, T0 + 10 * S).await;
-    let a = modeler
-        .model_where("A's container", A, |m| m.container_count == 1)
-        .await;
-    assert_eq!(
-        (a.state, a.learning_ends_unix_nanos, a.outbound_count),
-        (LEARNING, T0 + 105 * S, 1)
+    modeler.caught_up(&js).await;
+    assert!(
+        metric(&modeler, "cnnf_modeler_flows_retried_total ") >= 1,
+        "the flows runner never waited for the workloads runner"
     );
+    for reason in ["image-not-on-node", "workloads-behind"] {
+        assert_eq!(
+            metric(&modeler, &format!("{FLOWS_DEAD_LETTERED}\"{reason}\"}}")),
+            0,
+            "{reason}"
+        );
+    }
     decisions(
         &js,
         "2",
@@ -1117,11 +1134,9 @@ async fn a_decision_before_any_workload_event_creates_the_model_and_is_learned()
     })
     .await;
     modeler.caught_up(&js).await;
-    let kinds: Vec<&str> = model_log(&js, A).await.iter().map(|(_, kind)| *kind).collect();
-    assert_eq!(kinds, ["created", "learned", "created", "learned"]);
     assert_eq!(record(modeler.store.as_ref(), A).generation, 1);
 
-    // Two Created on the log, one model: a replay decides the same way.
+    // A replay decides the same way.
     let live = model_set(modeler.stop().await.as_ref());
     let replay_dir = tempfile::tempdir().unwrap();
     let mut options = clock.options();
@@ -1130,6 +1145,294 @@ async fn a_decision_before_any_workload_event_creates_the_model_and_is_learned()
     replay.caught_up(&js).await;
     assert_eq!(model_set(replay.store.as_ref()), live, "the replay differs");
     replay.stop().await;
+}
+
+/// Publishes `decisions` as node `node` reports them, on its own subject.
+async fn decisions_of(
+    js: &jetstream::Context,
+    node: &str,
+    id: &str,
+    time: i64,
+    decisions: Vec<ConnectionDecision>,
+) -> u64 {
+    let payload = Payload::Decisions(DecisionBatch {
+        decisions,
+        overflow_count: 0,
+    });
+    publish(
+        js,
+        &format!("cnnf.flow.c.{node}"),
+        envelope(node, format!("{node}:b:flow:{id}"), time, payload),
+    )
+    .await
+}
+
+/// Starts `container` of `image` on `node`.
+async fn start_workload_on(js: &jetstream::Context, node: &str, container: &str, image: &str, time: i64) {
+    let workload = Workload {
+        container_id: container.into(),
+        image_id: image.into(),
+        image_name: format!("{image}-name"),
+        addresses: vec!["10.0.0.1".into()],
+        cluster: CLUSTER.into(),
+        node: node.into(),
+        ..Default::default()
+    };
+    let payload = Payload::WorkloadStarted(WorkloadStarted {
+        workload: Some(workload),
+    });
+    publish(
+        js,
+        &format!("cnnf.workload.c.{node}"),
+        envelope(node, format!("{node}:b:start:{container}"), time, payload),
+    )
+    .await;
+}
+
+fn directed(mut decision: ConnectionDecision, direction: Direction) -> ConnectionDecision {
+    decision.direction = direction as i32;
+    decision
+}
+
+/// Every dead letter of `modeler-flows`: (reason, original bytes).
+async fn flows_dead_letters(js: &jetstream::Context, count: usize) -> Vec<(String, Vec<u8>)> {
+    let stream = js.get_stream(cnnf_bus::topology::DEAD_LETTER).await.unwrap();
+    let consumer = stream
+        .create_consumer(pull::OrderedConfig {
+            filter_subject: "cnnf.dlq.modeler-flows".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut messages = consumer.messages().await.unwrap();
+    let mut out = Vec::new();
+    for _ in 0..count {
+        let message = tokio::time::timeout(WAIT, messages.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        let reason = message
+            .headers
+            .as_ref()
+            .unwrap()
+            .get(cnnf_bus::runner::DLQ_REASON)
+            .unwrap()
+            .to_string();
+        out.push((reason, message.payload.to_vec()));
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_teaches_only_the_images_it_runs() {
+    const C: &str = "sha256:cccc";
+    let server = NatsServer::start().await;
+    let js = connect(&server).await;
+    let dir = tempfile::tempdir().unwrap();
+    let clock = TestClock::new(T0);
+    let modeler = Modeler::start(&server, open_store(dir.path()), &[], clock.options()).await;
+    // A and B run on n1 only; C on n2 only.
+    start_workload_on(&js, "n1", "a1", A, T0).await;
+    start_workload_on(&js, "n1", "b1", B, T0).await;
+    start_workload_on(&js, "n2", "c1", C, T0).await;
+    for image_id in [A, B, C] {
+        modeler.model_where("a model", image_id, |m| m.state == LEARNING).await;
+    }
+    decisions_of(
+        &js,
+        "n1",
+        "1",
+        T0 + S,
+        vec![directed(decision(image(A), image(B), 80, T0 + S, 1), Direction::Egress)],
+    )
+    .await;
+    modeler.model_where("A learned", A, |m| m.outbound_count == 1).await;
+    modeler.caught_up(&js).await;
+    let learned_before = (
+        modeler.learned(A, Side::Outbound, 0).await,
+        modeler.learned(B, Side::Inbound, 0).await,
+    );
+
+    // n2 claims A (egress) and B (ingress), which it does not run; and a
+    // message on n1's subject whose envelope names n2.
+    let lies = [
+        (
+            "n2",
+            directed(decision(image(A), image(B), 6000, T0 + 2 * S, 1), Direction::Egress),
+        ),
+        (
+            "n2",
+            directed(decision(image(C), image(B), 6001, T0 + 2 * S, 1), Direction::Ingress),
+        ),
+    ];
+    for (n, (node, lie)) in lies.iter().enumerate() {
+        decisions_of(&js, node, &format!("lie-{n}"), T0 + 2 * S, vec![lie.clone()]).await;
+    }
+    let spoofed = envelope(
+        "n2",
+        "n2:b:flow:spoofed".into(),
+        T0 + 2 * S,
+        Payload::Decisions(DecisionBatch {
+            decisions: vec![decision(image(A), image(B), 6002, T0 + 2 * S, 1)],
+            overflow_count: 0,
+        }),
+    );
+    publish(&js, "cnnf.flow.c.n1", spoofed).await;
+    // The same decision from the node that runs A (with C on n2 as its
+    // destination: n1 teaches A's outbound side, not C's inbound one).
+    decisions_of(
+        &js,
+        "n1",
+        "truth",
+        T0 + 3 * S,
+        vec![
+            directed(decision(image(A), image(B), 6000, T0 + 3 * S, 1), Direction::Egress),
+            directed(decision(image(A), image(C), 7000, T0 + 3 * S, 1), Direction::Egress),
+        ],
+    )
+    .await;
+    modeler
+        .model_where("A learned the truth", A, |m| m.outbound_count == 3)
+        .await;
+    modeler.caught_up(&js).await;
+
+    let letters = flows_dead_letters(&js, 3).await;
+    let reasons: Vec<&str> = letters.iter().map(|(reason, _)| reason.as_str()).collect();
+    assert_eq!(reasons, ["image-not-on-node", "image-not-on-node", "origin-mismatch"]);
+    assert_eq!(
+        metric(&modeler, &format!("{FLOWS_DEAD_LETTERED}\"image-not-on-node\"}}")),
+        2
+    );
+    assert_eq!(
+        metric(&modeler, &format!("{FLOWS_DEAD_LETTERED}\"origin-mismatch\"}}")),
+        1
+    );
+
+    // Nothing of the lies was learned: B's inbound list is as it was, and
+    // A's outbound list grew by exactly the truth.
+    assert_eq!(
+        modeler.learned(B, Side::Inbound, 0).await.len(),
+        2,
+        "B learned from n1 only"
+    );
+    assert!(modeler.learned(B, Side::Inbound, 6001).await.is_empty(), "n2 taught B");
+    assert_eq!(modeler.learned(B, Side::Inbound, 80).await, learned_before.1);
+    assert_eq!(modeler.learned(A, Side::Outbound, 80).await, learned_before.0);
+    let a_out: Vec<(u32, u64)> = modeler
+        .learned(A, Side::Outbound, 0)
+        .await
+        .iter()
+        .map(|c| (c.port, c.count))
+        .collect();
+    assert_eq!(a_out, [(80, 1), (6000, 1), (7000, 1)]);
+    assert_eq!(
+        modeler.model(C).await.unwrap().inbound_count,
+        0,
+        "n1 taught C, which runs on n2"
+    );
+    modeler.stop().await;
+}
+
+/// The server's receive time of message `sequence` of `stream`.
+async fn stored_at(js: &jetstream::Context, stream: &str, sequence: u64) -> i64 {
+    let message = js
+        .get_stream(stream)
+        .await
+        .unwrap()
+        .get_raw_message(sequence)
+        .await
+        .unwrap();
+    i64::try_from(message.time.unix_timestamp_nanos()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_burst_limit_counts_server_time_whatever_times_the_decisions_claim() {
+    let server = NatsServer::start().await;
+    let js = connect(&server).await;
+    let dir = tempfile::tempdir().unwrap();
+    let clock = TestClock::new(T0);
+    let extra = [
+        "--burst-limit",
+        "3",
+        "--burst-window-seconds",
+        "2",
+        "--learning-seconds",
+        "86400",
+    ];
+    let modeler = Modeler::start(&server, open_store(dir.path()), &extra, clock.options()).await;
+    start_workload(&js, "a1", A, T0).await;
+    start_workload(&js, "b1", B, T0).await;
+    modeler.model_where("model A", A, |m| m.state == LEARNING).await;
+    modeler.model_where("model B", B, |m| m.state == LEARNING).await;
+
+    // A: six new ports in six messages claiming to be an hour apart each,
+    // stored within the window: three learned, one incident.
+    let mut stored = Vec::new();
+    for port in 1..=6u32 {
+        let time = T0 + i64::from(port) * 3600 * S;
+        let sequence = decisions(
+            &js,
+            &format!("a-{port}"),
+            time,
+            vec![decision(image(A), network_object("internet"), port, time, 1)],
+        )
+        .await;
+        stored.push(stored_at(&js, FLOWS, sequence).await);
+    }
+    assert!(
+        stored[5] - stored[0] < 2 * S,
+        "the six messages were not stored within the window; the test cannot tell"
+    );
+    modeler.model_where("A learned", A, |m| m.outbound_count == 3).await;
+    modeler.caught_up(&js).await;
+    let ports: Vec<u32> = modeler
+        .learned(A, Side::Outbound, 0)
+        .await
+        .iter()
+        .map(|c| c.port)
+        .collect();
+    assert_eq!(ports, [1, 2, 3]);
+    let mut incidents = js.get_stream(INCIDENTS).await.unwrap();
+    eventually("the incident", || async {
+        (incidents.info().await.unwrap().state.messages == 1).then_some(())
+    })
+    .await;
+
+    // B: every decision claims one instant; five new ports in two messages
+    // stored more than the window apart: the second is a new window.
+    let first = decisions(
+        &js,
+        "b-1",
+        T0 + S,
+        (1..=3)
+            .map(|port| decision(image(B), network_object("internet"), port, T0 + S, 1))
+            .collect(),
+    )
+    .await;
+    let first_at = stored_at(&js, FLOWS, first).await;
+    // Server time must pass the window: wait for it, then check it did.
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let second = decisions(
+        &js,
+        "b-2",
+        T0 + S,
+        (4..=5)
+            .map(|port| decision(image(B), network_object("internet"), port, T0 + S, 1))
+            .collect(),
+    )
+    .await;
+    assert!(stored_at(&js, FLOWS, second).await - first_at >= 2 * S);
+    modeler
+        .model_where("B learned both windows", B, |m| m.outbound_count == 5)
+        .await;
+    modeler.caught_up(&js).await;
+    assert_eq!(
+        incidents.info().await.unwrap().state.messages,
+        1,
+        "B raised an incident"
+    );
+    modeler.stop().await;
 }
 
 /// The `cnnf_modeler_lock_timer_looks` counter of `modeler`.
@@ -1257,10 +1560,10 @@ async fn a_rebuild_on_fresh_durables_after_commands_and_a_restart_is_byte_for_by
     let clock = TestClock::new(T0 + 10 * S);
     let modeler = Modeler::start(&server, open_store(dir.path()), &[], clock.options()).await;
 
-    for (container, image_id) in [("a1", A), ("b1", B), ("c1", C)] {
+    for (container, image_id) in [("a1", A), ("b1", B), ("c1", C), ("d1", D)] {
         start_workload(&js, container, image_id, T0).await;
     }
-    for image_id in [A, B, C] {
+    for image_id in [A, B, C, D] {
         modeler.model_where("a model", image_id, |m| m.state == LEARNING).await;
     }
     let traffic = |n: i64| {
@@ -1274,7 +1577,6 @@ async fn a_rebuild_on_fresh_durables_after_commands_and_a_restart_is_byte_for_by
                 T0 + n * S,
                 1,
             ),
-            // D never starts a container here: its model comes from traffic.
             decision(image(D), image(A), 8080, T0 + n * S, 1),
         ]
     };
@@ -1305,7 +1607,9 @@ async fn a_rebuild_on_fresh_durables_after_commands_and_a_restart_is_byte_for_by
     for n in 4..=6 {
         decisions(&js, &format!("down-{n}"), T0 + n * S, traffic(n)).await;
     }
-    stop_workload(&js, "c1", C, T0 + 6 * S).await;
+    // C stops after the last traffic it takes part in (event time), while
+    // the service is down (log order).
+    stop_workload(&js, "c1", C, T0 + 9 * S).await;
     let modeler = Modeler::start(&server, store, &[], clock.options()).await;
     for n in 7..=8 {
         decisions(&js, &format!("back-{n}"), T0 + n * S, traffic(n)).await;
