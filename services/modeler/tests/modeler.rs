@@ -1393,11 +1393,12 @@ async fn the_burst_limit_counts_server_time_whatever_times_the_decisions_claim()
         .map(|c| c.port)
         .collect();
     assert_eq!(ports, [1, 2, 3]);
-    let mut incidents = js.get_stream(INCIDENTS).await.unwrap();
     eventually("the incident", || async {
+        let mut incidents = js.get_stream(INCIDENTS).await.unwrap();
         (incidents.info().await.unwrap().state.messages == 1).then_some(())
     })
     .await;
+    let mut incidents = js.get_stream(INCIDENTS).await.unwrap();
 
     // B: every decision claims one instant; five new ports in two messages
     // stored more than the window apart: the second is a new window.
