@@ -103,6 +103,7 @@ impl Modeler {
             CLUSTER,
             "--grpc-addr",
             &grpc_text,
+            "--grpc-insecure",
             "--learning-seconds",
             "100",
         ];
