@@ -73,7 +73,7 @@ fn write_pki(dir: &Path) -> Pki {
         params.distinguished_name.push(DnType::CommonName, name);
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::DigitalSignature];
         let cert = params.self_signed(&key).unwrap();
-        (Issuer::from_params(&params, &key), cert)
+        (Issuer::new(params, key), cert)
     };
     let (issuer, ca_cert) = ca("cnnf services CA");
     let (other_issuer, _) = ca("another CA");
@@ -238,10 +238,8 @@ async fn a_service_on_tcp_serves_only_clients_with_a_certificate_of_its_ca() {
         })
         .await
         .unwrap();
-        assert!(
-            refused.is_err() || matches!(refused, Ok(0)),
-            "{who}: the TLS session was accepted: {refused:?}"
-        );
+        let error = refused.expect_err(who);
+        assert!(error.to_string().contains("alert"), "{who}: {error}");
         let mut direct = PolicyClient::new(upstream.default_channel());
         let spoof = with_header(
             set_mode(pb::Mode::Prevent, snapshot.revision, "ada"),
@@ -249,7 +247,10 @@ async fn a_service_on_tcp_serves_only_clients_with_a_certificate_of_its_ca() {
             "ada",
         );
         let status = direct.apply(spoof).await.expect_err(who);
-        assert_eq!(status.code(), tonic::Code::Unavailable, "{who}: {status:?}");
+        assert!(
+            matches!(status.code(), tonic::Code::Unavailable | tonic::Code::Cancelled),
+            "{who}: {status:?}"
+        );
     }
     // And one without TLS at all.
     let plain = Upstream::parse("direct", &format!("http://127.0.0.1:{port}"), None, true).unwrap();

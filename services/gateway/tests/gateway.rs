@@ -1110,3 +1110,114 @@ async fn a_non_loopback_listen_address_needs_tls_or_insecure_listen() {
     insecure.push("--insecure-listen".to_owned());
     stop(start_ready(&insecure, &http_addr).await);
 }
+
+/// Writes a PEM pair to `<dir>/<name>.pem` and `<dir>/<name>.key`.
+fn write_pair(dir: &Path, name: &str, (cert, key): &PemPair) -> (std::path::PathBuf, std::path::PathBuf) {
+    let (cert_path, key_path) = (dir.join(format!("{name}.pem")), dir.join(format!("{name}.key")));
+    std::fs::write(&cert_path, cert).unwrap();
+    std::fs::write(&key_path, key).unwrap();
+    (cert_path, key_path)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_backend_on_mutual_tls_answers_the_gateway_and_refuses_other_clients() {
+    use cnnf_service::grpc::upstream::{client_tls, Upstream};
+    let nats = NatsServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (files, gateway_pair, _) = write_pki(dir.path(), "cnnf-gateway");
+    let (gateway_cert, gateway_key) = write_pair(dir.path(), "gateway", &gateway_pair);
+    // The same CN, signed by another CA.
+    let other = dir.path().join("other");
+    std::fs::create_dir(&other).unwrap();
+    let (_, foreign_pair, _) = write_pki(&other, "cnnf-gateway");
+    let (foreign_cert, foreign_key) = write_pair(dir.path(), "foreign", &foreign_pair);
+
+    // The backend on TCP, with the services' listener and mutual TLS.
+    let fake = Fake::default();
+    let tls = ServerTls::mutual(&files.cert, &files.key, &files.ca);
+    let GrpcAddr::Tcp(backend) = serve_fake(fake.clone(), &"127.0.0.1:0".parse().unwrap(), &tls).await else {
+        panic!("a TCP address was bound");
+    };
+    let https = format!("https://localhost:{}", backend.port());
+
+    let tokens = dir.path().join("tokens.json");
+    std::fs::write(&tokens, tokens_json()).unwrap();
+    let mut common = <CommonOnly as clap::Parser>::parse_from(["gateway-test"]).common;
+    common.nats_url = nats.url();
+    let mut config = cnnf_gateway::Config::new(common);
+    config.gateway.tokens_file = Some(tokens);
+    config.upstreams = cnnf_gateway::Upstreams {
+        ingest_addr: https.clone(),
+        modeler_addr: https.clone(),
+        policy_addr: https.clone(),
+        audit_addr: https.clone(),
+        upstream_ca: Some(files.ca.clone()),
+        upstream_cert: Some(gateway_cert),
+        upstream_key: Some(gateway_key),
+        grpc_insecure: false,
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(cnnf_gateway::run_on(listener, config, Health::default(), async move {
+        let _ = stopped.await;
+    }));
+    let h = Harness {
+        nats,
+        fake,
+        addr,
+        _dir: dir,
+        _stop: stop,
+    };
+
+    // Through the gateway: the gRPC pass-through and the JSON API.
+    let mut models = ModelsClient::new(h.channel().await);
+    models
+        .list_models(authed(pb::ListModelsRequest::default(), VIEWER))
+        .await
+        .expect("the pass-through reaches the backend over mutual TLS");
+    let (status, json) = h.http("POST", "/api/v1/Policy/GetPolicy", Some(VIEWER), "{}").await;
+    assert_eq!(status, 200, "{json}");
+    assert_eq!(h.fake.calls(), ["ListModels", "GetPolicy"]);
+
+    // Directly, claiming to be an admin: refused in the handshake.
+    let no_cert = client_tls(&files.ca, None).unwrap();
+    let foreign = client_tls(&files.ca, Some((&foreign_cert, &foreign_key))).unwrap();
+    for (who, tls) in [("no certificate", no_cert), ("another CA's certificate", foreign)] {
+        let direct = Upstream::parse("direct", &https, Some(&tls), false).unwrap();
+        // TLS 1.3: the server's verdict on the client certificate arrives
+        // as an alert on the client's first read.
+        let refused = async {
+            let mut stream = direct.connect().await?;
+            tokio::io::AsyncReadExt::read(&mut stream, &mut [0u8; 1]).await
+        };
+        let error = tokio::time::timeout(Duration::from_secs(10), refused)
+            .await
+            .unwrap()
+            .expect_err(who);
+        assert!(error.to_string().contains("alert"), "{who}: {error}");
+        let mut request = Request::new(pb::ListModelsRequest::default());
+        request
+            .metadata_mut()
+            .insert(cnnf_service::actor::ACTOR_HEADER, "ada".parse().unwrap());
+        let status = ModelsClient::new(direct.default_channel())
+            .list_models(request)
+            .await
+            .expect_err(who);
+        assert!(
+            matches!(status.code(), Code::Unavailable | Code::Cancelled),
+            "{who}: {status:?}"
+        );
+    }
+    let plain = Upstream::parse("direct", &format!("http://{backend}"), None, true).unwrap();
+    let status = ModelsClient::new(plain.default_channel())
+        .list_models(pb::ListModelsRequest::default())
+        .await
+        .expect_err("a client without TLS");
+    assert_ne!(status.code(), Code::Ok);
+    assert_eq!(
+        h.fake.calls(),
+        ["ListModels", "GetPolicy"],
+        "nothing else reached the backend"
+    );
+}
