@@ -27,7 +27,6 @@ use std::os::unix::fs::{DirBuilderExt as _, FileTypeExt as _, MetadataExt as _, 
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::str::FromStr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -296,13 +295,12 @@ impl Listener {
     }
 }
 
-/// Binds a Unix socket at `path` owner-only: bound under a temporary name
-/// in the same directory, given mode 0600, then renamed over `path`, so
-/// the socket is never reachable with looser permissions.
+/// Binds a Unix socket at `path` owner-only. The socket's mode is set
+/// to 0600 before `bind` (Linux creates the file with the mode of the
+/// socket), so the file is never reachable with looser permissions, and
+/// `ss -xl` shows it under its own name.
 fn bind_unix(path: &Path) -> anyhow::Result<(tokio::net::UnixListener, SocketFile)> {
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    let too_long = |candidate: &Path| candidate.as_os_str().len() > MAX_SOCKET_PATH;
-    if too_long(path) {
+    if path.as_os_str().len() > MAX_SOCKET_PATH {
         return Err(ConfigError::new(format!(
             "unix:{} is {} bytes long; a Unix socket path holds at most {MAX_SOCKET_PATH}",
             path.display(),
@@ -326,6 +324,7 @@ fn bind_unix(path: &Path) -> anyhow::Result<(tokio::net::UnixListener, SocketFil
             Ok(_) => anyhow::bail!("another process already serves on {}", path.display()),
             Err(error) if error.kind() == io::ErrorKind::ConnectionRefused => {
                 tracing::info!(message = "Replacing a stale socket file.", path = %path.display());
+                std::fs::remove_file(path).with_context(|| format!("removing the stale {}", path.display()))?;
             }
             Err(error) => {
                 return Err(error).with_context(|| format!("checking whether {} is stale", path.display()));
@@ -335,35 +334,33 @@ fn bind_unix(path: &Path) -> anyhow::Result<(tokio::net::UnixListener, SocketFil
         Err(error) if error.kind() == io::ErrorKind::NotFound => {}
         Err(error) => return Err(error).with_context(|| format!("looking at {}", path.display())),
     }
-    let mut temporary = dir.join(format!(
-        ".{}.{}",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    ));
-    if too_long(&temporary) {
-        temporary = dir.join(format!(".{}", NEXT.fetch_add(1, Ordering::Relaxed)));
-    }
-    let _ = std::fs::remove_file(&temporary);
-    let listener = tokio::net::UnixListener::bind(&temporary)
-        .with_context(|| format!("binding a socket at {}", temporary.display()))?;
-    let placed = std::fs::set_permissions(&temporary, std::fs::Permissions::from_mode(0o600))
-        .with_context(|| format!("making {} owner-only", temporary.display()))
-        .and_then(|()| {
-            std::fs::rename(&temporary, path)
-                .with_context(|| format!("moving {} to {}", temporary.display(), path.display()))
-        });
-    if let Err(error) = placed {
-        let _ = std::fs::remove_file(&temporary);
-        return Err(error);
-    }
+    let socket =
+        socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None).context("creating a Unix socket")?;
+    // fchmod(2) on the socket itself: safe Rust through a File of its descriptor.
+    let file = std::fs::File::from(std::os::fd::OwnedFd::from(socket));
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))
+        .context("making the socket owner-only")?;
+    let socket = socket2::Socket::from(std::os::fd::OwnedFd::from(file));
+    let address = socket2::SockAddr::unix(path).with_context(|| format!("the socket address {}", path.display()))?;
+    socket
+        .bind(&address)
+        .with_context(|| format!("binding a socket at {}", path.display()))?;
     let meta = std::fs::symlink_metadata(path).with_context(|| format!("looking at {}", path.display()))?;
-    Ok((
-        listener,
-        SocketFile {
-            path: path.to_owned(),
-            id: (meta.dev(), meta.ino()),
-        },
-    ))
+    let socket_file = SocketFile {
+        path: path.to_owned(),
+        id: (meta.dev(), meta.ino()),
+    };
+    anyhow::ensure!(
+        meta.permissions().mode() & 0o077 == 0,
+        "{} was created with mode {:o}, not owner-only",
+        path.display(),
+        meta.permissions().mode() & 0o777
+    );
+    socket.listen(1024).context("listening on the socket")?;
+    let listener = std::os::unix::net::UnixListener::from(std::os::fd::OwnedFd::from(socket));
+    listener.set_nonblocking(true)?;
+    let listener = tokio::net::UnixListener::from_std(listener)?;
+    Ok((listener, socket_file))
 }
 
 /// A socket file this process created: removed on drop, unless another

@@ -247,8 +247,13 @@ async fn a_service_on_tcp_serves_only_clients_with_a_certificate_of_its_ca() {
             "ada",
         );
         let status = direct.apply(spoof).await.expect_err(who);
+        // Reported as the transport failing (which code depends on when
+        // the alert arrives), never as an answer of the service.
         assert!(
-            matches!(status.code(), tonic::Code::Unavailable | tonic::Code::Cancelled),
+            matches!(
+                status.code(),
+                tonic::Code::Unavailable | tonic::Code::Cancelled | tonic::Code::Unknown
+            ),
             "{who}: {status:?}"
         );
     }
