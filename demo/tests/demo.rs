@@ -87,7 +87,6 @@ async fn the_demo_blocks_audits_and_reports_the_attacker_and_the_stop_command_le
     // The control plane: every service and the gateway.
     let gateway = free_addr();
     let services_http = free_addr();
-    let address = |addr: SocketAddr| addr.to_string();
     let config = cnnf_allinone::Config::try_parse_from([
         "cnnf-allinone".to_owned(),
         format!("--nats-url={}", nats.url()),
@@ -95,10 +94,6 @@ async fn the_demo_blocks_audits_and_reports_the_attacker_and_the_stop_command_le
         format!("--http-addr={services_http}"),
         format!("--listen={gateway}"),
         format!("--tokens-file={}", tokens.display()),
-        format!("--ingest-addr={}", address(free_addr())),
-        format!("--modeler-addr={}", address(free_addr())),
-        format!("--policy-addr={}", address(free_addr())),
-        format!("--audit-addr={}", address(free_addr())),
     ])
     .unwrap();
     let (stop_services, services_stopped) = tokio::sync::oneshot::channel::<()>();

@@ -10,8 +10,10 @@
 pub const ACTOR_HEADER: &str = "x-cnnf-actor";
 
 /// Who is acting: the caller the gateway authenticated ([`ACTOR_HEADER`])
-/// wins over the name the request body claims; a direct caller on the
-/// service's own address is trusted with its claim.
+/// wins over the name the request body claims; a caller without the
+/// header is trusted with its claim. That trust is why only the gateway
+/// reaches a service's API ([`crate::grpc`]: an owner-only Unix socket, or
+/// mutual TLS).
 pub fn acting<T>(request: &tonic::Request<T>, claimed: &str) -> String {
     request
         .metadata()

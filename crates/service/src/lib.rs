@@ -2,13 +2,15 @@
 //! a few lines: the common configuration ([`CommonConfig`], from flags or
 //! `CNNF_*` environment variables), logging, the HTTP endpoint serving
 //! Prometheus `/metrics` and `/ready`, the NATS connection with the
-//! topology ensured, and the shutdown signal.
+//! topology ensured, the shutdown signal, and the services' gRPC listener
+//! ([`grpc`]: a Unix socket, or TCP with mutual TLS).
 //!
 //! Must never depend on a storage engine or on a particular service.
 
 #![forbid(unsafe_code)]
 
 pub mod actor;
+pub mod grpc;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -26,6 +28,33 @@ use prometheus_client::registry::Registry;
 
 /// Exit status for bad configuration (EX_USAGE).
 pub const EXIT_BAD_CONFIG: u8 = 64;
+
+/// A configuration mistake found when a process starts rather than when
+/// its flags are parsed (flags that do not fit together, a certificate
+/// that does not load). [`main`] exits with [`EXIT_BAD_CONFIG`] when the
+/// error it gets holds one anywhere in its chain ([`is_config_error`]).
+#[derive(Debug, Clone)]
+pub struct ConfigError(String);
+
+impl ConfigError {
+    /// A configuration error saying `message` (name the flags involved).
+    pub fn new(message: impl Into<String>) -> Self {
+        Self(message.into())
+    }
+}
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Whether `error` is, or was caused by, a [`ConfigError`].
+pub fn is_config_error(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| cause.is::<ConfigError>())
+}
 
 /// Configuration every service takes.
 #[derive(Debug, Clone, clap::Args)]
@@ -254,7 +283,8 @@ pub fn metric_value(exposition: &str, name_and_labels: &str) -> Option<f64> {
 /// The whole `main` of a service binary: parse and check configuration
 /// (exit 64 when wrong), start logging and the runtime, serve `/metrics`
 /// and `/ready` (on `--http-addr`, else `default_http_addr`), and run the
-/// service until SIGINT or SIGTERM.
+/// service until SIGINT or SIGTERM. A [`ConfigError`] from the service
+/// (see [`is_config_error`]) also exits 64.
 pub fn main<C, F, Fut>(name: &str, default_http_addr: &str, common: fn(&C) -> &CommonConfig, run: F) -> ExitCode
 where
     C: clap::Parser,
@@ -296,6 +326,10 @@ where
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(error) if is_config_error(&error) => {
+            eprintln!("{name}: invalid configuration: {error:#}");
+            ExitCode::from(EXIT_BAD_CONFIG)
+        }
         Err(error) => {
             tracing::error!(message = "Service failed.", error = %format!("{error:#}"));
             ExitCode::FAILURE

@@ -106,7 +106,7 @@ pub struct Stack {
     pub js: jetstream::Context,
     pub server: String,
     pub dir: tempfile::TempDir,
-    /// The all-in-one's configuration (where the services listen).
+    /// The all-in-one's configuration (its sockets are where the services listen).
     pub config: cnnf_allinone::Config,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<anyhow::Result<()>>,
@@ -137,10 +137,6 @@ impl Stack {
             gateway: cnnf_gateway::Settings {
                 listen,
                 tokens_file: Some(tokens),
-                ingest_addr: free_addr().to_string(),
-                modeler_addr: free_addr().to_string(),
-                policy_addr: free_addr().to_string(),
-                audit_addr: free_addr().to_string(),
                 ..Default::default()
             },
         };
@@ -415,6 +411,7 @@ impl Stack {
                 tls_client_ca: Some(pki.ca.clone()),
                 ..self.config.gateway.clone()
             },
+            upstreams: self.config.upstreams(),
         };
         // Runs until the test's runtime ends.
         tokio::spawn(cnnf_gateway::run(

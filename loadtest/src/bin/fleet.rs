@@ -807,7 +807,7 @@ async fn main() -> anyhow::Result<()> {
 
     // The control plane, in this process.
     let data = tempfile::tempdir()?;
-    let addrs = free_addrs(5)?;
+    let addrs = free_addrs(1)?;
     let data_dir = data.path().display().to_string();
     let config = <cnnf_allinone::Config as Parser>::try_parse_from([
         "cnnf-allinone",
@@ -819,15 +819,8 @@ async fn main() -> anyhow::Result<()> {
         &data_dir,
         "--listen",
         &addrs[0],
-        "--ingest-addr",
-        &addrs[1],
-        "--modeler-addr",
-        &addrs[2],
-        "--policy-addr",
-        &addrs[3],
-        "--audit-addr",
-        &addrs[4],
     ])?;
+    let policy_socket = config.socket("policy");
     let health = cnnf_service::Health::default();
     let (stop_services, services_stopped) = oneshot::channel::<()>();
     let services = tokio::spawn(cnnf_allinone::run(config, health.clone(), async move {
@@ -843,8 +836,10 @@ async fn main() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let mut policy = loop {
-        match PolicyClient::connect(format!("http://{}", addrs[3])).await {
-            Ok(client) => break client,
+        let channel = cnnf_service::grpc::upstream::Upstream::unix(&policy_socket).default_channel();
+        let mut client = PolicyClient::new(channel);
+        match client.get_policy(GetPolicyRequest {}).await {
+            Ok(_) => break client,
             Err(error) => {
                 anyhow::ensure!(started.elapsed() < PATIENCE, "the policy API never answered: {error}");
                 tokio::time::sleep(Duration::from_millis(20)).await;

@@ -288,6 +288,7 @@ async fn main() -> anyhow::Result<()> {
         CLUSTER,
         "--grpc-addr",
         &grpc,
+        "--grpc-insecure",
     ])?;
     let health = cnnf_service::Health::default();
     let (stop_ingest, stopped) = oneshot::channel::<()>();

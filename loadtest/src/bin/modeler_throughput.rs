@@ -295,6 +295,7 @@ async fn main() -> anyhow::Result<()> {
         CLUSTER,
         "--grpc-addr",
         &grpc,
+        "--grpc-insecure",
         "--learning-seconds",
         "86400",
         "--burst-limit",

@@ -3,20 +3,24 @@
 //! endpoint. Meant for a single node and the demo; a fleet runs the
 //! services as separate processes that scale out independently.
 //!
-//! Each service listens on the address the gateway is told to reach it at
-//! (`--ingest-addr`, `--modeler-addr`, `--policy-addr`, `--audit-addr`), so
-//! one set of flags places them and the gateway cannot disagree with them.
+//! The four services listen on Unix sockets in the data directory,
+//! `<data-dir>/grpc/<service>.sock` (the directory 0700 when created here,
+//! each socket 0600), and the gateway reaches them there: no service gRPC
+//! port is open on the network, so the gateway's authentication and roles
+//! cannot be bypassed. Only the gateway's operator address (`--listen`) is.
 
 use std::future::Future;
-use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 
-use anyhow::Context;
-
+use cnnf_service::grpc::{GrpcAddr, ServerTls};
 use cnnf_service::{CommonConfig, Health};
 use futures::FutureExt;
 
 /// Default address of `/metrics` and `/ready`.
 pub const DEFAULT_HTTP_ADDR: &str = "127.0.0.1:9105";
+
+/// The services, by the name of their socket and data directory.
+pub const SERVICES: [&str; 4] = ["ingest", "modeler", "policy", "audit"];
 
 /// Configuration of the all-in-one process.
 #[derive(Debug, Clone, clap::Parser)]
@@ -25,38 +29,57 @@ pub struct Config {
     /// Settings every service shares (NATS, cluster, data directory, metrics address).
     #[command(flatten)]
     pub common: CommonConfig,
-    /// The gateway's settings; its backend addresses are where the services listen.
+    /// The gateway's settings (the services' addresses are the sockets in the data directory).
     #[command(flatten)]
     pub gateway: cnnf_gateway::Settings,
+}
+
+impl Config {
+    /// The Unix socket `service` (one of [`SERVICES`]) serves its gRPC API on.
+    pub fn socket(&self, service: &str) -> PathBuf {
+        socket(&self.common.data_dir, service)
+    }
+
+    /// How the gateway reaches the four services: their sockets.
+    pub fn upstreams(&self) -> cnnf_gateway::Upstreams {
+        let [ingest, modeler, policy, audit] = SERVICES.map(|service| self.socket(service));
+        cnnf_gateway::Upstreams::unix(&ingest, &modeler, &policy, &audit)
+    }
+}
+
+fn socket(data_dir: &Path, service: &str) -> PathBuf {
+    data_dir.join("grpc").join(format!("{service}.sock"))
 }
 
 /// Runs the four services and the gateway until `shutdown`; the first to fail stops them all.
 pub async fn run(config: Config, health: Health, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let shutdown = shutdown.shared();
+    let upstreams = config.upstreams();
     let common = config.common;
     let with_data = |service: &str| {
         let mut common = common.clone();
         common.data_dir = common.data_dir.join(service);
         common
     };
-    let listen = |flag: &str, addr: &str| -> anyhow::Result<SocketAddr> {
-        addr.parse()
-            .with_context(|| format!("--{flag} {addr:?}: the all-in-one listens there, so it must be an IP:port"))
-    };
+    let listen = |service: &str| GrpcAddr::Unix(socket(&common.data_dir, service));
     let ingest = cnnf_ingest::Config {
-        grpc_addr: listen("ingest-addr", &config.gateway.ingest_addr)?,
+        grpc_addr: listen("ingest"),
+        grpc_tls: ServerTls::default(),
         ..cnnf_ingest::Config::new(with_data("ingest"))
     };
     let modeler = cnnf_modeler::Config {
-        grpc_addr: listen("modeler-addr", &config.gateway.modeler_addr)?,
+        grpc_addr: listen("modeler"),
+        grpc_tls: ServerTls::default(),
         ..cnnf_modeler::Config::new(with_data("modeler"))
     };
     let policy = cnnf_policy::Config {
-        grpc_addr: listen("policy-addr", &config.gateway.policy_addr)?,
+        grpc_addr: listen("policy"),
+        grpc_tls: ServerTls::default(),
         ..cnnf_policy::Config::new(with_data("policy"))
     };
     let audit = cnnf_audit::Config {
-        grpc_addr: listen("audit-addr", &config.gateway.audit_addr)?,
+        grpc_addr: listen("audit"),
+        grpc_tls: ServerTls::default(),
         ..cnnf_audit::Config::new(with_data("audit"))
     };
     tokio::try_join!(
@@ -68,6 +91,7 @@ pub async fn run(config: Config, health: Health, shutdown: impl Future<Output = 
             cnnf_gateway::Config {
                 common: common.clone(),
                 gateway: config.gateway,
+                upstreams,
             },
             health.clone(),
             shutdown.clone()

@@ -286,7 +286,7 @@ async fn the_radar_page_shows_colours_deletes_a_learned_edge_live_and_refuses_a_
     std::fs::write(&tokens, tokens_json.to_string()).unwrap();
     let gateway = free_addr();
     let url = server.url();
-    let (http_addr, ingest, modeler, policy, audit) = (free_addr(), free_addr(), free_addr(), free_addr(), free_addr());
+    let http_addr = free_addr();
     let data_dir = data.path().join("data");
     let static_dir = web.join("dist");
     let config = cnnf_allinone::Config::try_parse_from([
@@ -303,14 +303,6 @@ async fn the_radar_page_shows_colours_deletes_a_learned_edge_live_and_refuses_a_
         &gateway,
         "--tokens-file",
         tokens.to_str().unwrap(),
-        "--ingest-addr",
-        &ingest,
-        "--modeler-addr",
-        &modeler,
-        "--policy-addr",
-        &policy,
-        "--audit-addr",
-        &audit,
         "--static-dir",
         static_dir.to_str().unwrap(),
     ])

@@ -40,7 +40,7 @@
 //! | `--scan-cooldown-seconds` | `CNNF_SCAN_COOLDOWN_SECONDS` | 300 | quiet period of a detected scanner |
 //! | `--lateness-seconds` | `CNNF_AUDIT_LATENESS_SECONDS` | 300 | default lateness of replays and simulations |
 //! | `--retention-hours` | `CNNF_AUDIT_RETENTION_HOURS` | 720 | stored audits older than this are removed ([`retention`]) |
-//! | `--grpc-addr` | `CNNF_GRPC_ADDR` | 127.0.0.1:9204 | the `Audits` API |
+//! | `--grpc-addr` | `CNNF_GRPC_ADDR` | unix:/run/cnnf/audit.sock | the `Audits` API: `unix:<path>`, or `<ip>:<port>` with mutual TLS (`--grpc-tls-cert`, `--grpc-tls-key`, `--grpc-client-ca`; see `cnnf_service::grpc`) |
 //!
 //! The store is RocksDB at `<data dir>/audit`; replays build theirs under
 //! `<data dir>/replays`. Runner counters are on `/metrics` as
@@ -63,7 +63,6 @@ pub mod simulate;
 pub mod store;
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -72,6 +71,7 @@ use anyhow::Context as _;
 use cnnf_bus::runner::{CommitHook, RunnerMetrics};
 use cnnf_bus::topology::{FLOWS, MODELS, POLICY, WORKLOADS};
 use cnnf_proto::v1::audits_server::AuditsServer;
+use cnnf_service::grpc::{GrpcAddr, ServerTls};
 use cnnf_service::{CommonConfig, Health};
 use cnnf_store::ProjectionStore;
 use cnnf_store_rocksdb::RocksStore;
@@ -89,7 +89,7 @@ pub const PRODUCER: &str = "audit";
 /// Default address of `/metrics` and `/ready`.
 pub const DEFAULT_HTTP_ADDR: &str = "127.0.0.1:9104";
 /// Default address of the `Audits` gRPC API.
-pub const DEFAULT_GRPC_ADDR: &str = "127.0.0.1:9204";
+pub const DEFAULT_GRPC_ADDR: &str = "unix:/run/cnnf/audit.sock";
 
 /// Durable consumer of decisions.
 pub const FLOWS_DURABLE: &str = "audit-flows";
@@ -144,7 +144,10 @@ pub struct Config {
     pub retention_hours: u64,
     /// Address of the Audits gRPC API.
     #[arg(long, env = "CNNF_GRPC_ADDR", default_value = DEFAULT_GRPC_ADDR)]
-    pub grpc_addr: SocketAddr,
+    pub grpc_addr: GrpcAddr,
+    /// How the gRPC API is protected on TCP (mutual TLS, or `--grpc-insecure`).
+    #[command(flatten)]
+    pub grpc_tls: ServerTls,
 }
 
 impl Config {
@@ -160,7 +163,8 @@ impl Config {
             scan_cooldown_seconds: scan::DEFAULT_COOLDOWN_SECONDS,
             lateness_seconds: forensics::DEFAULT_LATENESS.as_secs(),
             retention_hours: retention::DEFAULT_RETENTION_HOURS,
-            grpc_addr: SocketAddr::from(([127, 0, 0, 1], 9204)),
+            grpc_addr: DEFAULT_GRPC_ADDR.parse().expect("the default gRPC address parses"),
+            grpc_tls: ServerTls::default(),
         }
     }
 
@@ -227,10 +231,8 @@ pub async fn run_with_store(
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let ready = health.component(NAME);
+    let listener = cnnf_service::grpc::Listener::bind(&config.grpc_addr, &config.grpc_tls).await?;
     let js = cnnf_service::connect_and_ensure(NAME, &config.common).await?;
-    let listener = tokio::net::TcpListener::bind(config.grpc_addr)
-        .await
-        .with_context(|| format!("binding the gRPC API on {}", config.grpc_addr))?;
     let settings = config.settings();
     let metrics: [RunnerMetrics; 4] = Default::default();
     let retention_metrics = retention::RetentionMetrics::default();
@@ -253,6 +255,7 @@ pub async fn run_with_store(
         Duration::from_secs(config.lateness_seconds),
     );
 
+    let listener_addr = listener.addr().clone();
     let (stop, stopping) = watch::channel(false);
     let notify = Arc::new(Notify::new());
     let mut tasks = JoinSet::new();
@@ -318,7 +321,7 @@ pub async fn run_with_store(
         message = "Service started.",
         service = NAME,
         cluster = %config.common.cluster,
-        grpc_addr = %config.grpc_addr,
+        grpc_addr = %listener_addr,
         window_seconds = config.window_seconds,
         scan_ports = config.scan_ports,
         scan_hosts = config.scan_hosts,
@@ -330,18 +333,15 @@ pub async fn run_with_store(
 }
 
 async fn serve_api(
-    listener: tokio::net::TcpListener,
+    listener: cnnf_service::grpc::Listener,
     api: api::AuditsApi,
     stop: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    let addr = listener.local_addr()?;
+    let addr = listener.addr().clone();
     tracing::info!(message = "Serving the Audits gRPC API.", %addr);
     tonic::transport::Server::builder()
         .add_service(AuditsServer::new(api))
-        .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(listener),
-            service::stopped(stop),
-        )
+        .serve_with_incoming_shutdown(listener.incoming(), service::stopped(stop))
         .await
         .with_context(|| format!("serving gRPC on {addr}"))
 }
@@ -359,6 +359,7 @@ mod tests {
         assert_eq!(parsed.settings(), built.settings());
         assert_eq!(parsed.grpc_addr, built.grpc_addr);
         assert_eq!(parsed.grpc_addr.to_string(), DEFAULT_GRPC_ADDR);
+        assert!(!parsed.grpc_tls.grpc_insecure);
         assert_eq!(parsed.lateness_seconds, built.lateness_seconds);
         assert_eq!(parsed.retention(), built.retention());
         assert_eq!(parsed.retention(), Duration::from_secs(30 * 24 * 3600));

@@ -113,6 +113,7 @@ impl Service {
             CLUSTER,
             "--grpc-addr",
             &grpc_text,
+            "--grpc-insecure",
             "--data-dir",
             &data_text,
         ];

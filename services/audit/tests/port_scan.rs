@@ -319,6 +319,7 @@ async fn an_nmap_scan_through_the_agent_is_one_incident_and_a_bounded_number_of_
         CLUSTER,
         "--grpc-addr",
         &grpc.to_string(),
+        "--grpc-insecure",
         "--data-dir",
         &data.path().display().to_string(),
     ])

@@ -18,6 +18,10 @@
 //!
 //! The gateway holds no state of its own and talks to the services over
 //! gRPC only, so it never depends on a storage engine or a service crate.
+//! The services trust the caller the gateway names, so they are reached
+//! over Unix sockets or mutual TLS ([`Upstreams`], `cnnf_service::grpc`),
+//! and the operator address itself listens on a non-loopback address only
+//! with TLS (or `--insecure-listen`).
 
 pub mod api;
 pub mod auth;
@@ -27,11 +31,12 @@ pub mod server;
 pub mod tls;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use cnnf_service::{CommonConfig, Health};
+use cnnf_service::grpc::upstream::{self, Upstream};
+use cnnf_service::{CommonConfig, ConfigError, Health};
 
 /// Process name, for logs and the NATS connection.
 pub const NAME: &str = "cnnf-gateway";
@@ -50,6 +55,9 @@ pub struct Config {
     /// The gateway's own settings.
     #[command(flatten)]
     pub gateway: Settings,
+    /// Where the services are and how to reach them.
+    #[command(flatten)]
+    pub upstreams: Upstreams,
 }
 
 /// The gateway's own settings, apart from the common ones so that the
@@ -75,24 +83,122 @@ pub struct Settings {
     /// CA whose client certificates authenticate by subject CN (mTLS).
     #[arg(long, env = "CNNF_GATEWAY_TLS_CLIENT_CA", requires = "tls_cert")]
     pub tls_client_ca: Option<PathBuf>,
-    /// The ingest service's gRPC address (IdentityRegistry).
-    #[arg(long, env = "CNNF_GATEWAY_INGEST_ADDR", default_value = "127.0.0.1:9201")]
-    pub ingest_addr: String,
-    /// The modeler service's gRPC address (Models).
-    #[arg(long, env = "CNNF_GATEWAY_MODELER_ADDR", default_value = "127.0.0.1:9202")]
-    pub modeler_addr: String,
-    /// The policy service's gRPC address (Policy).
-    #[arg(long, env = "CNNF_GATEWAY_POLICY_ADDR", default_value = "127.0.0.1:9203")]
-    pub policy_addr: String,
-    /// The audit service's gRPC address (Audits).
-    #[arg(long, env = "CNNF_GATEWAY_AUDIT_ADDR", default_value = "127.0.0.1:9204")]
-    pub audit_addr: String,
     /// Directory of the Radar page's static files, served at `/`.
     #[arg(long, env = "CNNF_GATEWAY_STATIC_DIR")]
     pub static_dir: Option<PathBuf>,
     /// How far back the Radar looks for alerts and prevents.
     #[arg(long, env = "CNNF_GATEWAY_RADAR_AUDIT_WINDOW_SECONDS", default_value_t = 3600)]
     pub radar_audit_window_seconds: u64,
+    /// Listen on a non-loopback `--listen` address without TLS: bearer
+    /// tokens then cross the network in the clear (labs only).
+    #[arg(long, env = "CNNF_GATEWAY_INSECURE_LISTEN")]
+    pub insecure_listen: bool,
+}
+
+/// Default address of the ingest service (its default `--grpc-addr`).
+pub const DEFAULT_INGEST_ADDR: &str = "unix:/run/cnnf/ingest.sock";
+/// Default address of the modeler service.
+pub const DEFAULT_MODELER_ADDR: &str = "unix:/run/cnnf/modeler.sock";
+/// Default address of the policy service.
+pub const DEFAULT_POLICY_ADDR: &str = "unix:/run/cnnf/policy.sock";
+/// Default address of the audit service.
+pub const DEFAULT_AUDIT_ADDR: &str = "unix:/run/cnnf/audit.sock";
+
+/// Where the services are (`unix:<path>`, `https://host:port`, or
+/// `http://host:port` with `--grpc-insecure`) and the TLS the gateway
+/// speaks to them: the CA their certificates chain to, and the client
+/// certificate their mutual TLS asks for.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Upstreams {
+    /// The ingest service's gRPC address (IdentityRegistry).
+    #[arg(long, env = "CNNF_GATEWAY_INGEST_ADDR", default_value = DEFAULT_INGEST_ADDR)]
+    pub ingest_addr: String,
+    /// The modeler service's gRPC address (Models).
+    #[arg(long, env = "CNNF_GATEWAY_MODELER_ADDR", default_value = DEFAULT_MODELER_ADDR)]
+    pub modeler_addr: String,
+    /// The policy service's gRPC address (Policy).
+    #[arg(long, env = "CNNF_GATEWAY_POLICY_ADDR", default_value = DEFAULT_POLICY_ADDR)]
+    pub policy_addr: String,
+    /// The audit service's gRPC address (Audits).
+    #[arg(long, env = "CNNF_GATEWAY_AUDIT_ADDR", default_value = DEFAULT_AUDIT_ADDR)]
+    pub audit_addr: String,
+    /// CA (PEM) of the services' certificates, for `https://` addresses.
+    #[arg(long, env = "CNNF_GATEWAY_UPSTREAM_CA")]
+    pub upstream_ca: Option<PathBuf>,
+    /// The gateway's client certificate chain (PEM) for the services' mutual TLS.
+    #[arg(long, env = "CNNF_GATEWAY_UPSTREAM_CERT", requires_all = ["upstream_key", "upstream_ca"])]
+    pub upstream_cert: Option<PathBuf>,
+    /// The private key (PEM) of that certificate.
+    #[arg(long, env = "CNNF_GATEWAY_UPSTREAM_KEY", requires = "upstream_cert")]
+    pub upstream_key: Option<PathBuf>,
+    /// Allow `http://` service addresses, calls in the clear to services
+    /// that trust every caller: for tests and labs only.
+    #[arg(long, env = "CNNF_GRPC_INSECURE")]
+    pub grpc_insecure: bool,
+}
+
+impl Default for Upstreams {
+    fn default() -> Self {
+        Self {
+            ingest_addr: DEFAULT_INGEST_ADDR.to_owned(),
+            modeler_addr: DEFAULT_MODELER_ADDR.to_owned(),
+            policy_addr: DEFAULT_POLICY_ADDR.to_owned(),
+            audit_addr: DEFAULT_AUDIT_ADDR.to_owned(),
+            upstream_ca: None,
+            upstream_cert: None,
+            upstream_key: None,
+            grpc_insecure: false,
+        }
+    }
+}
+
+/// The four services' addresses, checked and ready to connect.
+#[derive(Debug, Clone)]
+pub struct ResolvedUpstreams {
+    /// Ingest.
+    pub ingest: Upstream,
+    /// The modeler.
+    pub modeler: Upstream,
+    /// Policy.
+    pub policy: Upstream,
+    /// Audit.
+    pub audit: Upstream,
+}
+
+impl Upstreams {
+    /// The four services on Unix sockets.
+    pub fn unix(ingest: &Path, modeler: &Path, policy: &Path, audit: &Path) -> Self {
+        let unix = |path: &Path| format!("unix:{}", path.display());
+        Self {
+            ingest_addr: unix(ingest),
+            modeler_addr: unix(modeler),
+            policy_addr: unix(policy),
+            audit_addr: unix(audit),
+            ..Self::default()
+        }
+    }
+
+    /// Checks the addresses and loads the TLS files; a [`ConfigError`]
+    /// names the flag that is wrong.
+    pub fn resolve(&self) -> Result<ResolvedUpstreams, ConfigError> {
+        let tls = match (&self.upstream_ca, &self.upstream_cert, &self.upstream_key) {
+            (Some(ca), Some(cert), Some(key)) => Some(upstream::client_tls(ca, Some((cert, key)))?),
+            (Some(ca), None, None) => Some(upstream::client_tls(ca, None)?),
+            (None, None, None) => None,
+            _ => {
+                return Err(ConfigError::new(
+                    "--upstream-cert and --upstream-key go together, and need --upstream-ca",
+                ))
+            }
+        };
+        let parse = |flag: &str, addr: &str| Upstream::parse(flag, addr, tls.as_ref(), self.grpc_insecure);
+        Ok(ResolvedUpstreams {
+            ingest: parse("--ingest-addr", &self.ingest_addr)?,
+            modeler: parse("--modeler-addr", &self.modeler_addr)?,
+            policy: parse("--policy-addr", &self.policy_addr)?,
+            audit: parse("--audit-addr", &self.audit_addr)?,
+        })
+    }
 }
 
 impl Default for Settings {
@@ -104,12 +210,9 @@ impl Default for Settings {
             tls_cert: None,
             tls_key: None,
             tls_client_ca: None,
-            ingest_addr: "127.0.0.1:9201".to_owned(),
-            modeler_addr: "127.0.0.1:9202".to_owned(),
-            policy_addr: "127.0.0.1:9203".to_owned(),
-            audit_addr: "127.0.0.1:9204".to_owned(),
             static_dir: None,
             radar_audit_window_seconds: 3600,
+            insecure_listen: false,
         }
     }
 }
@@ -120,7 +223,23 @@ impl Config {
         Self {
             common,
             gateway: Settings::default(),
+            upstreams: Upstreams::default(),
         }
+    }
+}
+
+impl Settings {
+    /// Refuses to serve bearer tokens in the clear beyond this machine:
+    /// a non-loopback `listen` needs TLS or `--insecure-listen`.
+    pub fn check_listen(&self, listen: SocketAddr) -> Result<(), ConfigError> {
+        let tls = self.tls_cert.is_some() && self.tls_key.is_some();
+        if listen.ip().is_loopback() || tls || self.insecure_listen {
+            return Ok(());
+        }
+        Err(ConfigError::new(format!(
+            "--listen {listen} is not a loopback address and the gateway has no TLS: give --tls-cert and \
+             --tls-key (tokens would cross the network in the clear), or --insecure-listen (labs only)"
+        )))
     }
 }
 
@@ -131,6 +250,8 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let listen = config.gateway.listen;
+    config.gateway.check_listen(listen)?;
+    config.upstreams.resolve()?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("binding the operator address {listen}"))?;
@@ -145,15 +266,19 @@ pub async fn run_on(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let settings = &config.gateway;
+    settings.check_listen(listener.local_addr()?)?;
     let credentials = auth::Credentials::open(settings.tokens_file.clone())?;
     if settings.tokens_file.is_none() {
         tracing::warn!(message = "No tokens file configured: every call will be refused as unauthenticated.");
     }
     let tls = match (&settings.tls_cert, &settings.tls_key) {
-        (Some(cert), Some(key)) => Some(tls::server_config(cert, key, settings.tls_client_ca.as_deref())?),
+        (Some(cert), Some(key)) => Some(
+            tls::server_config(cert, key, settings.tls_client_ca.as_deref())
+                .map_err(|error| ConfigError::new(format!("--tls-cert, --tls-key, --tls-client-ca: {error}")))?,
+        ),
         _ => None,
     };
-    let gateway = server::Gateway::new(settings, credentials.clone())?;
+    let gateway = server::Gateway::new(settings, &config.upstreams, credentials.clone())?;
     let ready = health.component("gateway");
     let watcher = tokio::spawn(credentials.watch(Duration::from_secs(settings.tokens_poll_seconds.max(1))));
     let changes = tokio::spawn(radar::watch_changes(

@@ -18,8 +18,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Extension, Json, Router};
 use bytes::Bytes;
+use cnnf_service::grpc::upstream::{self, Upstream};
 use http_body_util::BodyExt as _;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tonic::transport::{Channel, Endpoint};
@@ -27,7 +27,7 @@ use tower::ServiceExt as _;
 
 use crate::auth::{AuthError, Caller, Credentials, Role};
 use crate::roles::{self, Service};
-use crate::{api, radar, Settings};
+use crate::{api, radar, Settings, Upstreams};
 
 /// Largest unary request the gateway buffers to look inside (`Policy/Apply`).
 const MAX_PEEK_BYTES: usize = 4 << 20;
@@ -39,22 +39,49 @@ const CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 #[derive(Debug, Clone, Default)]
 pub struct ClientCn(pub Option<String>);
 
-/// The gRPC services behind the gateway.
+/// The gRPC services behind the gateway: where each is and the HTTP/2
+/// client of the pass-through to it.
 #[derive(Debug, Clone)]
 pub struct Backends {
-    /// `http://host:port` of ingest.
-    pub ingest: String,
-    /// `http://host:port` of the modeler.
-    pub modeler: String,
-    /// `http://host:port` of policy.
-    pub policy: String,
-    /// `http://host:port` of audit.
-    pub audit: String,
+    /// Ingest.
+    pub ingest: Backend,
+    /// The modeler.
+    pub modeler: Backend,
+    /// Policy.
+    pub policy: Backend,
+    /// Audit.
+    pub audit: Backend,
+}
+
+/// One service behind the gateway.
+#[derive(Clone)]
+pub struct Backend {
+    /// Its address (`unix:`, `https://` or `http://`).
+    pub upstream: Upstream,
+    /// HTTP/2 client of the pass-through, connecting to that address only.
+    client: Client<Upstream, Body>,
+}
+
+impl std::fmt::Debug for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Backend")
+            .field("upstream", &self.upstream)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Backend {
+    fn new(upstream: Upstream) -> Self {
+        let client = Client::builder(TokioExecutor::new())
+            .http2_only(true)
+            .build(upstream.clone());
+        Self { upstream, client }
+    }
 }
 
 impl Backends {
-    /// The base URI of the service owning `service`.
-    pub fn of(&self, service: Service) -> &str {
+    /// The service owning `service`.
+    pub fn of(&self, service: Service) -> &Backend {
         match service {
             Service::IdentityRegistry => &self.ingest,
             Service::Models => &self.modeler,
@@ -82,49 +109,40 @@ pub struct Channels {
 pub struct Gateway {
     /// Tokens and client certificates in force.
     pub credentials: Credentials,
-    /// Where the services are.
+    /// Where the services are, and the pass-through's clients to them.
     pub backends: Arc<Backends>,
     /// Channels for the JSON API and Radar.
     pub channels: Channels,
-    /// HTTP/2 client of the pass-through.
-    client: Client<HttpConnector, Body>,
     /// Radar graph building and change notifications.
     pub radar: radar::Radar,
     static_dir: Option<Arc<PathBuf>>,
 }
 
-fn base_uri(addr: &str) -> String {
-    if addr.starts_with("http://") || addr.starts_with("https://") {
-        addr.trim_end_matches('/').to_owned()
-    } else {
-        format!("http://{addr}")
-    }
-}
-
-fn channel(uri: &str) -> anyhow::Result<Channel> {
-    Ok(Endpoint::from_shared(uri.to_owned())
-        .map_err(|error| anyhow::anyhow!("invalid backend address {uri:?}: {error}"))?
-        .connect_timeout(std::time::Duration::from_secs(3))
-        .timeout(CALL_TIMEOUT)
-        .connect_lazy())
+fn channel(upstream: &Upstream) -> Channel {
+    upstream.channel(
+        Endpoint::from_static(upstream::ORIGIN)
+            .connect_timeout(std::time::Duration::from_secs(3))
+            .timeout(CALL_TIMEOUT),
+    )
 }
 
 impl Gateway {
-    /// A gateway for `config` with these credentials; connects nothing yet.
-    pub fn new(config: &Settings, credentials: Credentials) -> anyhow::Result<Self> {
-        let backends = Backends {
-            ingest: base_uri(&config.ingest_addr),
-            modeler: base_uri(&config.modeler_addr),
-            policy: base_uri(&config.policy_addr),
-            audit: base_uri(&config.audit_addr),
-        };
+    /// A gateway for `config` with these credentials, in front of the
+    /// services at `upstreams`; connects nothing yet.
+    pub fn new(config: &Settings, upstreams: &Upstreams, credentials: Credentials) -> anyhow::Result<Self> {
+        let resolved = upstreams.resolve()?;
         let channels = Channels {
-            ingest: channel(&backends.ingest)?,
-            modeler: channel(&backends.modeler)?,
-            policy: channel(&backends.policy)?,
-            audit: channel(&backends.audit)?,
+            ingest: channel(&resolved.ingest),
+            modeler: channel(&resolved.modeler),
+            policy: channel(&resolved.policy),
+            audit: channel(&resolved.audit),
         };
-        let client = Client::builder(TokioExecutor::new()).http2_only(true).build_http();
+        let backends = Backends {
+            ingest: Backend::new(resolved.ingest),
+            modeler: Backend::new(resolved.modeler),
+            policy: Backend::new(resolved.policy),
+            audit: Backend::new(resolved.audit),
+        };
         let radar = radar::Radar::new(
             channels.clone(),
             std::time::Duration::from_secs(config.radar_audit_window_seconds),
@@ -133,7 +151,6 @@ impl Gateway {
             credentials,
             backends: Arc::new(backends),
             channels,
-            client,
             radar,
             static_dir: config.static_dir.clone().map(Arc::new),
         })
@@ -292,7 +309,8 @@ async fn grpc_proxy(gateway: Gateway, cn: ClientCn, request: Request) -> Respons
     };
     let backend = gateway.backends.of(service);
     let target = format!(
-        "{backend}{}",
+        "{}{}",
+        upstream::ORIGIN,
         parts.uri.path_and_query().map(|pq| pq.as_str()).unwrap_or(&path)
     );
     parts.uri = match target.parse::<Uri>() {
@@ -305,18 +323,35 @@ async fn grpc_proxy(gateway: Gateway, cn: ClientCn, request: Request) -> Respons
     if let Ok(actor) = HeaderValue::from_str(&caller.name) {
         parts.headers.insert(cnnf_service::actor::ACTOR_HEADER, actor);
     }
-    tracing::debug!(message = "Forwarding gRPC call.", caller = %caller.name, %path, backend);
-    match gateway
+    let upstream = &backend.upstream;
+    tracing::debug!(message = "Forwarding gRPC call.", caller = %caller.name, %path, %upstream);
+    match backend
         .client
         .request(axum::http::Request::from_parts(parts, body))
         .await
     {
         Ok(response) => response.map(Body::new),
         Err(error) => {
-            tracing::warn!(message = "Backend unreachable.", %path, backend, %error);
-            grpc_error(tonic::Status::unavailable(format!("{backend} is unreachable: {error}")))
+            let error = error_chain(&error);
+            tracing::warn!(message = "Backend unreachable.", %path, %upstream, %error);
+            grpc_error(tonic::Status::unavailable(format!(
+                "{upstream} is unreachable: {error}"
+            )))
         }
     }
+}
+
+/// An error and its causes on one line (hyper's own message alone says
+/// only "client error (Connect)").
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(next) = cause {
+        text.push_str(": ");
+        text.push_str(&next.to_string());
+        cause = next.source();
+    }
+    text
 }
 
 /// Decodes one uncompressed gRPC frame holding a `M`.

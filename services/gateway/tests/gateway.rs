@@ -20,6 +20,7 @@ use cnnf_proto::v1 as pb;
 use cnnf_proto::v1::audits_client::AuditsClient;
 use cnnf_proto::v1::models_client::ModelsClient;
 use cnnf_proto::v1::policy_client::PolicyClient;
+use cnnf_service::grpc::{GrpcAddr, ServerTls};
 use cnnf_service::{CommonConfig, Health};
 use cnnf_testkit::NatsServer;
 use futures::Stream;
@@ -178,17 +179,25 @@ impl pb::audits_server::Audits for Fake {
     }
 }
 
-async fn start_fake(fake: Fake) -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
+/// Serves the fake on `addr` the way the services serve their API
+/// (`cnnf_service::grpc::Listener`); returns the address bound.
+async fn serve_fake(fake: Fake, addr: &GrpcAddr, tls: &ServerTls) -> GrpcAddr {
+    let listener = cnnf_service::grpc::Listener::bind(addr, tls).await.unwrap();
+    let bound = listener.addr().clone();
     tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(pb::models_server::ModelsServer::new(fake.clone()))
             .add_service(pb::policy_server::PolicyServer::new(fake.clone()))
             .add_service(pb::audits_server::AuditsServer::new(fake))
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+            .serve_with_incoming(listener.incoming()),
     );
-    addr
+    bound
+}
+
+/// The fake on a Unix socket in `dir`; its `unix:` address.
+async fn start_fake(fake: Fake, dir: &Path) -> String {
+    let addr = GrpcAddr::Unix(dir.join("fake.sock"));
+    serve_fake(fake, &addr, &ServerTls::default()).await.to_string()
 }
 
 fn tokens_json() -> String {
@@ -220,24 +229,23 @@ struct Tls {
 
 async fn start_gateway(fake: Fake, audit_down: bool, tls: Option<&dyn Fn(&Path) -> Tls>) -> Harness {
     let nats = NatsServer::start().await;
-    let backend = start_fake(fake.clone()).await;
     let dir = tempfile::tempdir().unwrap();
+    let backend = start_fake(fake.clone(), dir.path()).await;
     let tokens = dir.path().join("tokens.json");
     std::fs::write(&tokens, tokens_json()).unwrap();
     let mut common = <CommonOnly as clap::Parser>::parse_from(["gateway-test"]).common;
     common.nats_url = nats.url();
     let mut config = cnnf_gateway::Config::new(common);
     config.gateway.tokens_file = Some(tokens);
-    config.gateway.modeler_addr = backend.to_string();
-    config.gateway.policy_addr = backend.to_string();
-    config.gateway.audit_addr = if audit_down {
-        // A port nothing listens on.
-        let unused = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        unused.local_addr().unwrap().to_string()
+    config.upstreams.modeler_addr = backend.clone();
+    config.upstreams.policy_addr = backend.clone();
+    config.upstreams.audit_addr = if audit_down {
+        // A socket nothing listens on.
+        format!("unix:{}", dir.path().join("nothing.sock").display())
     } else {
-        backend.to_string()
+        backend.clone()
     };
-    config.gateway.ingest_addr = backend.to_string();
+    config.upstreams.ingest_addr = backend;
     if let Some(make) = tls {
         let files = make(dir.path());
         config.gateway.tls_cert = Some(files.cert);
@@ -980,4 +988,236 @@ async fn a_client_certificate_maps_to_its_role() {
     let (status, _) = tls_call(h.addr, &ca, None, "/api/v1/Models/ListModels", "{}").await;
     assert_eq!(status, 401);
     assert_eq!(h.fake.calls(), ["Command"]);
+}
+
+const GATEWAY_BIN: &str = env!("CARGO_BIN_EXE_cnnf-gateway");
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("0.0.0.0:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The `cnnf-gateway` binary with these flags (and no `CNNF_*` variables
+/// of the test's environment).
+fn gateway_command(args: &[String]) -> std::process::Command {
+    let mut command = std::process::Command::new(GATEWAY_BIN);
+    for (key, _) in std::env::vars() {
+        if key.starts_with("CNNF_") {
+            command.env_remove(key);
+        }
+    }
+    command.args(args);
+    command
+}
+
+/// Starts the gateway with `args` and waits for its `/ready` on `http_addr`.
+async fn start_ready(args: &[String], http_addr: &str) -> std::process::Child {
+    let mut child = gateway_command(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let ready = cnnf_testkit::eventually("the gateway to be ready", Duration::from_secs(30), || {
+        let exited = child.try_wait().unwrap();
+        let http_addr = http_addr.to_owned();
+        async move {
+            assert!(exited.is_none(), "the gateway exited: {exited:?}");
+            let mut stream = tokio::net::TcpStream::connect(&http_addr).await.ok()?;
+            let request = format!("GET /ready HTTP/1.1\r\nHost: {http_addr}\r\nConnection: close\r\n\r\n");
+            tokio::io::AsyncWriteExt::write_all(&mut stream, request.as_bytes())
+                .await
+                .ok()?;
+            let mut response = String::new();
+            tokio::io::AsyncReadExt::read_to_string(&mut stream, &mut response)
+                .await
+                .ok()?;
+            response.starts_with("HTTP/1.1 200").then_some(())
+        }
+    });
+    ready.await;
+    child
+}
+
+fn stop(mut child: std::process::Child) {
+    std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "exit status {status}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_non_loopback_listen_address_needs_tls_or_insecure_listen() {
+    let nats = NatsServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let listen = format!("0.0.0.0:{}", free_port());
+    let http_addr = format!("127.0.0.1:{}", free_port());
+    let base = vec![
+        format!("--nats-url={}", nats.url()),
+        format!("--http-addr={http_addr}"),
+        format!("--listen={listen}"),
+    ];
+
+    // Without TLS: refused, exit status 64, the flags named.
+    let output = gateway_command(&base).output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(64), "{stderr}");
+    assert!(
+        stderr.contains(&format!("--listen {listen} is not a loopback address")),
+        "{stderr}"
+    );
+    for flag in ["--tls-cert", "--tls-key", "--insecure-listen"] {
+        assert!(stderr.contains(flag), "{flag}: {stderr}");
+    }
+
+    // A service address in the clear without --grpc-insecure: refused too.
+    let mut clear = base.clone();
+    clear.push("--insecure-listen".to_owned());
+    clear.push("--policy-addr=http://127.0.0.1:9203".to_owned());
+    let output = gateway_command(&clear).output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(64), "{stderr}");
+    assert!(
+        stderr.contains("--policy-addr") && stderr.contains("--grpc-insecure"),
+        "{stderr}"
+    );
+
+    // With TLS it starts, and speaks TLS there.
+    let (files, _, _) = write_pki(dir.path(), CLIENT_CN);
+    let mut tls = base.clone();
+    tls.push(format!("--tls-cert={}", files.cert.display()));
+    tls.push(format!("--tls-key={}", files.key.display()));
+    let child = start_ready(&tls, &http_addr).await;
+    let port: u16 = listen.rsplit(':').next().unwrap().parse().unwrap();
+    let ca = std::fs::read_to_string(&files.ca).unwrap();
+    let (status, _) = tls_call(
+        SocketAddr::from(([127, 0, 0, 1], port)),
+        &ca,
+        None,
+        "/api/v1/Models/ListModels",
+        "{}",
+    )
+    .await;
+    assert_eq!(status, 401, "a TLS answer without credentials");
+    stop(child);
+
+    // And in the clear only when told to.
+    let mut insecure = base;
+    insecure.push("--insecure-listen".to_owned());
+    stop(start_ready(&insecure, &http_addr).await);
+}
+
+/// Writes a PEM pair to `<dir>/<name>.pem` and `<dir>/<name>.key`.
+fn write_pair(dir: &Path, name: &str, (cert, key): &PemPair) -> (std::path::PathBuf, std::path::PathBuf) {
+    let (cert_path, key_path) = (dir.join(format!("{name}.pem")), dir.join(format!("{name}.key")));
+    std::fs::write(&cert_path, cert).unwrap();
+    std::fs::write(&key_path, key).unwrap();
+    (cert_path, key_path)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_backend_on_mutual_tls_answers_the_gateway_and_refuses_other_clients() {
+    use cnnf_service::grpc::upstream::{client_tls, Upstream};
+    let nats = NatsServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (files, gateway_pair, _) = write_pki(dir.path(), "cnnf-gateway");
+    let (gateway_cert, gateway_key) = write_pair(dir.path(), "gateway", &gateway_pair);
+    // The same CN, signed by another CA.
+    let other = dir.path().join("other");
+    std::fs::create_dir(&other).unwrap();
+    let (_, foreign_pair, _) = write_pki(&other, "cnnf-gateway");
+    let (foreign_cert, foreign_key) = write_pair(dir.path(), "foreign", &foreign_pair);
+
+    // The backend on TCP, with the services' listener and mutual TLS.
+    let fake = Fake::default();
+    let tls = ServerTls::mutual(&files.cert, &files.key, &files.ca);
+    let GrpcAddr::Tcp(backend) = serve_fake(fake.clone(), &"127.0.0.1:0".parse().unwrap(), &tls).await else {
+        panic!("a TCP address was bound");
+    };
+    let https = format!("https://localhost:{}", backend.port());
+
+    let tokens = dir.path().join("tokens.json");
+    std::fs::write(&tokens, tokens_json()).unwrap();
+    let mut common = <CommonOnly as clap::Parser>::parse_from(["gateway-test"]).common;
+    common.nats_url = nats.url();
+    let mut config = cnnf_gateway::Config::new(common);
+    config.gateway.tokens_file = Some(tokens);
+    config.upstreams = cnnf_gateway::Upstreams {
+        ingest_addr: https.clone(),
+        modeler_addr: https.clone(),
+        policy_addr: https.clone(),
+        audit_addr: https.clone(),
+        upstream_ca: Some(files.ca.clone()),
+        upstream_cert: Some(gateway_cert),
+        upstream_key: Some(gateway_key),
+        grpc_insecure: false,
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(cnnf_gateway::run_on(listener, config, Health::default(), async move {
+        let _ = stopped.await;
+    }));
+    let h = Harness {
+        nats,
+        fake,
+        addr,
+        _dir: dir,
+        _stop: stop,
+    };
+
+    // Through the gateway: the gRPC pass-through and the JSON API.
+    let mut models = ModelsClient::new(h.channel().await);
+    models
+        .list_models(authed(pb::ListModelsRequest::default(), VIEWER))
+        .await
+        .expect("the pass-through reaches the backend over mutual TLS");
+    let (status, json) = h.http("POST", "/api/v1/Policy/GetPolicy", Some(VIEWER), "{}").await;
+    assert_eq!(status, 200, "{json}");
+    assert_eq!(h.fake.calls(), ["ListModels", "GetPolicy"]);
+
+    // Directly, claiming to be an admin: refused in the handshake.
+    let no_cert = client_tls(&files.ca, None).unwrap();
+    let foreign = client_tls(&files.ca, Some((&foreign_cert, &foreign_key))).unwrap();
+    for (who, tls) in [("no certificate", no_cert), ("another CA's certificate", foreign)] {
+        let direct = Upstream::parse("direct", &https, Some(&tls), false).unwrap();
+        // TLS 1.3: the server's verdict on the client certificate arrives
+        // as an alert on the client's first read.
+        let refused = async {
+            let mut stream = direct.connect().await?;
+            tokio::io::AsyncReadExt::read(&mut stream, &mut [0u8; 1]).await
+        };
+        let error = tokio::time::timeout(Duration::from_secs(10), refused)
+            .await
+            .unwrap()
+            .expect_err(who);
+        assert!(error.to_string().contains("alert"), "{who}: {error}");
+        let mut request = Request::new(pb::ListModelsRequest::default());
+        request
+            .metadata_mut()
+            .insert(cnnf_service::actor::ACTOR_HEADER, "ada".parse().unwrap());
+        let status = ModelsClient::new(direct.default_channel())
+            .list_models(request)
+            .await
+            .expect_err(who);
+        assert!(
+            matches!(status.code(), Code::Unavailable | Code::Cancelled | Code::Unknown),
+            "{who}: {status:?}"
+        );
+    }
+    let plain = Upstream::parse("direct", &format!("http://{backend}"), None, true).unwrap();
+    let status = ModelsClient::new(plain.default_channel())
+        .list_models(pb::ListModelsRequest::default())
+        .await
+        .expect_err("a client without TLS");
+    assert_ne!(status.code(), Code::Ok);
+    assert_eq!(
+        h.fake.calls(),
+        ["ListModels", "GetPolicy"],
+        "nothing else reached the backend"
+    );
 }

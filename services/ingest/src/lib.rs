@@ -45,7 +45,7 @@
 //! | flag | environment | default | |
 //! | --- | --- | --- | --- |
 //! | `--node-timeout-seconds` | `CNNF_NODE_TIMEOUT_SECONDS` | 30 | silence after which a node is gone |
-//! | `--grpc-addr` | `CNNF_GRPC_ADDR` | 127.0.0.1:9201 | the `IdentityRegistry` API |
+//! | `--grpc-addr` | `CNNF_GRPC_ADDR` | unix:/run/cnnf/ingest.sock | the `IdentityRegistry` API: `unix:<path>`, or `<ip>:<port>` with mutual TLS (`--grpc-tls-cert`, `--grpc-tls-key`, `--grpc-client-ca`; see `cnnf_service::grpc`) |
 //! | `--max-event-bytes` | `CNNF_MAX_EVENT_BYTES` | 65536 | larger agent events are dead-lettered |
 //!
 //! The store is RocksDB at `<data dir>/registry`. To rebuild it, stop the
@@ -72,7 +72,6 @@ pub mod registry;
 pub mod service;
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -80,6 +79,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use cnnf_bus::runner::CommitHook;
+use cnnf_service::grpc::{GrpcAddr, ServerTls};
 use cnnf_service::{CommonConfig, Health};
 use cnnf_store::ProjectionStore;
 use cnnf_store_rocksdb::RocksStore;
@@ -96,7 +96,7 @@ pub const NAME: &str = "cnnf-ingest";
 pub const DEFAULT_HTTP_ADDR: &str = "127.0.0.1:9101";
 
 /// Default address of the `IdentityRegistry` gRPC API.
-pub const DEFAULT_GRPC_ADDR: &str = "127.0.0.1:9201";
+pub const DEFAULT_GRPC_ADDR: &str = "unix:/run/cnnf/ingest.sock";
 
 /// Configuration of the ingest service.
 #[derive(Debug, Clone, clap::Parser)]
@@ -115,7 +115,10 @@ pub struct Config {
     pub node_timeout_seconds: u64,
     /// Address of the IdentityRegistry gRPC API.
     #[arg(long, env = "CNNF_GRPC_ADDR", default_value = DEFAULT_GRPC_ADDR)]
-    pub grpc_addr: SocketAddr,
+    pub grpc_addr: GrpcAddr,
+    /// How the gRPC API is protected on TCP (mutual TLS, or `--grpc-insecure`).
+    #[command(flatten)]
+    pub grpc_tls: ServerTls,
     /// Largest agent event accepted, bytes (1024 to 1048576); larger ones
     /// are dead-lettered as oversized.
     #[arg(long, env = "CNNF_MAX_EVENT_BYTES", default_value_t = 64 * 1024, value_parser = clap::value_parser!(u64).range(1024..=1024 * 1024))]
@@ -128,7 +131,8 @@ impl Config {
         Self {
             common,
             node_timeout_seconds: 30,
-            grpc_addr: SocketAddr::from(([127, 0, 0, 1], 9201)),
+            grpc_addr: DEFAULT_GRPC_ADDR.parse().expect("the default gRPC address parses"),
+            grpc_tls: ServerTls::default(),
             max_event_bytes: 64 * 1024,
         }
     }
@@ -175,12 +179,10 @@ pub async fn run_with_store(
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let ready = health.component(NAME);
+    let listener = cnnf_service::grpc::Listener::bind(&config.grpc_addr, &config.grpc_tls).await?;
     let js = cnnf_service::connect_and_ensure(NAME, &config.common).await?;
     let metrics = metrics::Metrics::default();
     health.register(|registry| metrics.register(registry));
-    let listener = tokio::net::TcpListener::bind(config.grpc_addr)
-        .await
-        .with_context(|| format!("binding the gRPC API on {}", config.grpc_addr))?;
     let registry_live = Arc::new(AtomicBool::new(false));
     let shared = Arc::new(service::Shared {
         js: js.clone(),
@@ -200,6 +202,7 @@ pub async fn run_with_store(
         metrics,
     };
 
+    let listener_addr = listener.addr().clone();
     let (stop, stopping) = watch::channel(false);
     let mut tasks = JoinSet::new();
     tasks.spawn(service::serve_api(listener, store, stopping.clone()));
@@ -210,7 +213,7 @@ pub async fn run_with_store(
         message = "Service started.",
         service = NAME,
         cluster = %config.common.cluster,
-        grpc_addr = %config.grpc_addr,
+        grpc_addr = %listener_addr,
         node_timeout_seconds = config.node_timeout_seconds
     );
 
@@ -233,6 +236,7 @@ mod tests {
         assert_eq!(parsed.grpc_addr, built.grpc_addr);
         assert_eq!(parsed.max_event_bytes, built.max_event_bytes);
         assert_eq!(parsed.grpc_addr.to_string(), DEFAULT_GRPC_ADDR);
+        assert!(!parsed.grpc_tls.grpc_insecure);
     }
 
     #[test]

@@ -254,15 +254,15 @@ pub async fn heartbeats(shared: Arc<Shared>, stop: watch::Receiver<bool>) -> any
 
 /// Serves the gRPC API on `listener` until `stop`.
 pub async fn serve_api(
-    listener: tokio::net::TcpListener,
+    listener: cnnf_service::grpc::Listener,
     store: Arc<dyn ProjectionStore>,
     stop: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    let addr = listener.local_addr()?;
+    let addr = listener.addr().clone();
     tracing::info!(message = "Serving the IdentityRegistry gRPC API.", %addr);
     tonic::transport::Server::builder()
         .add_service(IdentityRegistryServer::new(RegistryApi::new(store)))
-        .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener), stopped(stop))
+        .serve_with_incoming_shutdown(listener.incoming(), stopped(stop))
         .await
         .with_context(|| format!("serving gRPC on {addr}"))
 }

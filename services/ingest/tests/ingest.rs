@@ -89,6 +89,7 @@ impl Ingest {
             CLUSTER,
             "--grpc-addr",
             &grpc_text,
+            "--grpc-insecure",
         ];
         args.extend_from_slice(extra);
         let config = Config::try_parse_from(args).unwrap();

@@ -57,7 +57,7 @@
 //! | `--burst-window-seconds` | `CNNF_BURST_WINDOW_SECONDS` | 10 | the burst window (the server's receive time) |
 //! | `--workloads-grace-ms` | `CNNF_WORKLOADS_GRACE_MS` | 1000 | how much later than a flow message a workload message published before it may be received (and the clock difference to the NATS servers) |
 //! | `--workloads-wait-seconds` | `CNNF_WORKLOADS_WAIT_SECONDS` | 120 | longest wait of the flows runner on the workloads runner for one message |
-//! | `--grpc-addr` | `CNNF_GRPC_ADDR` | 127.0.0.1:9202 | the `Models` API |
+//! | `--grpc-addr` | `CNNF_GRPC_ADDR` | unix:/run/cnnf/modeler.sock | the `Models` API: `unix:<path>`, or `<ip>:<port>` with mutual TLS (`--grpc-tls-cert`, `--grpc-tls-key`, `--grpc-client-ca`; see `cnnf_service::grpc`) |
 //!
 //! A learning image that reaches more than `burst-limit` new peers or
 //! ports (new connections) within `burst-window-seconds` of the server's
@@ -107,7 +107,6 @@ pub mod service;
 pub mod store;
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -115,6 +114,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use cnnf_bus::runner::CommitHook;
 use cnnf_proto::v1::models_server::ModelsServer;
+use cnnf_service::grpc::{GrpcAddr, ServerTls};
 use cnnf_service::{CommonConfig, Health};
 use cnnf_store::ProjectionStore;
 use cnnf_store_rocksdb::RocksStore;
@@ -131,7 +131,7 @@ pub const NAME: &str = "cnnf-modeler";
 pub const DEFAULT_HTTP_ADDR: &str = "127.0.0.1:9102";
 
 /// Default address of the `Models` gRPC API.
-pub const DEFAULT_GRPC_ADDR: &str = "127.0.0.1:9202";
+pub const DEFAULT_GRPC_ADDR: &str = "unix:/run/cnnf/modeler.sock";
 
 /// Default learning period, seconds.
 pub const DEFAULT_LEARNING_SECONDS: u64 = 3600;
@@ -179,7 +179,10 @@ pub struct Config {
     pub workloads_wait_seconds: u64,
     /// Address of the Models gRPC API.
     #[arg(long, env = "CNNF_GRPC_ADDR", default_value = DEFAULT_GRPC_ADDR)]
-    pub grpc_addr: SocketAddr,
+    pub grpc_addr: GrpcAddr,
+    /// How the gRPC API is protected on TCP (mutual TLS, or `--grpc-insecure`).
+    #[command(flatten)]
+    pub grpc_tls: ServerTls,
 }
 
 impl Config {
@@ -192,7 +195,8 @@ impl Config {
             burst_window_seconds: DEFAULT_BURST_WINDOW_SECONDS,
             workloads_grace_ms: DEFAULT_WORKLOADS_GRACE_MS,
             workloads_wait_seconds: DEFAULT_WORKLOADS_WAIT_SECONDS,
-            grpc_addr: SocketAddr::from(([127, 0, 0, 1], 9202)),
+            grpc_addr: DEFAULT_GRPC_ADDR.parse().expect("the default gRPC address parses"),
+            grpc_tls: ServerTls::default(),
         }
     }
 
@@ -307,10 +311,8 @@ pub async fn run_with_store(
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let ready = health.component(NAME);
+    let listener = cnnf_service::grpc::Listener::bind(&config.grpc_addr, &config.grpc_tls).await?;
     let js = cnnf_service::connect_and_ensure(NAME, &config.common).await?;
-    let listener = tokio::net::TcpListener::bind(config.grpc_addr)
-        .await
-        .with_context(|| format!("binding the gRPC API on {}", config.grpc_addr))?;
     let timer_interval = options.timer_interval.unwrap_or(Duration::from_secs(1));
     let metrics: [cnnf_bus::runner::RunnerMetrics; 3] = Default::default();
     let republished = prometheus_client::metrics::counter::Counter::default();
@@ -387,6 +389,7 @@ pub async fn run_with_store(
         );
     }
 
+    let listener_addr = listener.addr().clone();
     let (stop, stopping) = watch::channel(false);
     let workloads_notify = Arc::new(Notify::new());
     let flows_notify = Arc::new(Notify::new());
@@ -418,7 +421,7 @@ pub async fn run_with_store(
         message = "Service started.",
         service = NAME,
         cluster = %config.common.cluster,
-        grpc_addr = %config.grpc_addr,
+        grpc_addr = %listener_addr,
         learning_seconds = config.learning_seconds,
         burst_limit = config.burst_limit,
         burst_window_seconds = config.burst_window_seconds
@@ -430,18 +433,15 @@ pub async fn run_with_store(
 }
 
 async fn serve_api(
-    listener: tokio::net::TcpListener,
+    listener: cnnf_service::grpc::Listener,
     api: api::ModelsApi,
     stop: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    let addr = listener.local_addr()?;
+    let addr = listener.addr().clone();
     tracing::info!(message = "Serving the Models gRPC API.", %addr);
     tonic::transport::Server::builder()
         .add_service(ModelsServer::new(api))
-        .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(listener),
-            service::stopped(stop),
-        )
+        .serve_with_incoming_shutdown(listener.incoming(), service::stopped(stop))
         .await
         .with_context(|| format!("serving gRPC on {addr}"))
 }
@@ -463,6 +463,7 @@ mod tests {
         assert_eq!(parsed.workloads_wait_seconds, built.workloads_wait_seconds);
         assert_eq!(parsed.grpc_addr, built.grpc_addr);
         assert_eq!(parsed.grpc_addr.to_string(), DEFAULT_GRPC_ADDR);
+        assert!(!parsed.grpc_tls.grpc_insecure);
         assert_eq!(parsed.learning_seconds, 3600);
         assert_eq!((parsed.burst_limit, parsed.burst_window_seconds), (50, 10));
     }

@@ -103,6 +103,7 @@ impl Modeler {
             CLUSTER,
             "--grpc-addr",
             &grpc_text,
+            "--grpc-insecure",
         ];
         if !extra.contains(&"--learning-seconds") {
             args.extend_from_slice(&["--learning-seconds", "100"]);

@@ -28,7 +28,7 @@
 //!
 //! | flag | environment | default | |
 //! | --- | --- | --- | --- |
-//! | `--grpc-addr` | `CNNF_GRPC_ADDR` | 127.0.0.1:9203 | the `Policy` API |
+//! | `--grpc-addr` | `CNNF_GRPC_ADDR` | unix:/run/cnnf/policy.sock | the `Policy` API: `unix:<path>`, or `<ip>:<port>` with mutual TLS (`--grpc-tls-cert`, `--grpc-tls-key`, `--grpc-client-ca`; see `cnnf_service::grpc`) |
 //!
 //! The store is RocksDB at `<data dir>/policy`. Counters are on `/metrics`
 //! as `cnnf_policy_{policy,models,workloads}_*` and `cnnf_policy_table*`.
@@ -48,7 +48,6 @@ pub mod store;
 pub mod verdicts;
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -56,6 +55,7 @@ use anyhow::Context as _;
 use cnnf_bus::runner::CommitHook;
 use cnnf_core::subjects::Token;
 use cnnf_proto::v1::policy_server::PolicyServer;
+use cnnf_service::grpc::{GrpcAddr, ServerTls};
 use cnnf_service::{CommonConfig, Health};
 use cnnf_store::ProjectionStore;
 use cnnf_store_rocksdb::RocksStore;
@@ -72,7 +72,7 @@ pub const NAME: &str = "cnnf-policy";
 pub const DEFAULT_HTTP_ADDR: &str = "127.0.0.1:9103";
 
 /// Default address of the `Policy` gRPC API.
-pub const DEFAULT_GRPC_ADDR: &str = "127.0.0.1:9203";
+pub const DEFAULT_GRPC_ADDR: &str = "unix:/run/cnnf/policy.sock";
 
 /// Configuration of the policy service.
 #[derive(Debug, Clone, clap::Parser)]
@@ -87,7 +87,10 @@ pub struct Config {
     pub common: CommonConfig,
     /// Address of the Policy gRPC API.
     #[arg(long, env = "CNNF_GRPC_ADDR", default_value = DEFAULT_GRPC_ADDR)]
-    pub grpc_addr: SocketAddr,
+    pub grpc_addr: GrpcAddr,
+    /// How the gRPC API is protected on TCP (mutual TLS, or `--grpc-insecure`).
+    #[command(flatten)]
+    pub grpc_tls: ServerTls,
 }
 
 impl Config {
@@ -95,7 +98,8 @@ impl Config {
     pub fn new(common: CommonConfig) -> Self {
         Self {
             common,
-            grpc_addr: SocketAddr::from(([127, 0, 0, 1], 9203)),
+            grpc_addr: DEFAULT_GRPC_ADDR.parse().expect("the default gRPC address parses"),
+            grpc_tls: ServerTls::default(),
         }
     }
 
@@ -145,10 +149,8 @@ pub async fn run_with_store(
 ) -> anyhow::Result<()> {
     let ready = health.component(NAME);
     let cluster = Token::new("cluster", &config.common.cluster)?;
+    let listener = cnnf_service::grpc::Listener::bind(&config.grpc_addr, &config.grpc_tls).await?;
     let js = cnnf_service::connect_and_ensure(NAME, &config.common).await?;
-    let listener = tokio::net::TcpListener::bind(config.grpc_addr)
-        .await
-        .with_context(|| format!("binding the gRPC API on {}", config.grpc_addr))?;
     let metrics: [cnnf_bus::runner::RunnerMetrics; 3] = Default::default();
     let writer = verdicts::WriterMetrics::default();
     health.register(|registry| {
@@ -172,6 +174,7 @@ pub async fn run_with_store(
     });
     let api = api::PolicyApi::new(Arc::clone(&store), js, cluster);
 
+    let listener_addr = listener.addr().clone();
     let (stop, stopping) = watch::channel(false);
     let mut tasks = JoinSet::new();
     tasks.spawn(serve_api(listener, api, stopping.clone()));
@@ -182,7 +185,7 @@ pub async fn run_with_store(
         message = "Service started.",
         service = NAME,
         cluster = %config.common.cluster,
-        grpc_addr = %config.grpc_addr
+        grpc_addr = %listener_addr
     );
     let result = cnnf_service::run_parts(tasks, stop, shutdown).await;
     tracing::info!(message = "Service stopped.", service = NAME);
@@ -190,18 +193,15 @@ pub async fn run_with_store(
 }
 
 async fn serve_api(
-    listener: tokio::net::TcpListener,
+    listener: cnnf_service::grpc::Listener,
     api: api::PolicyApi,
     stop: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    let addr = listener.local_addr()?;
+    let addr = listener.addr().clone();
     tracing::info!(message = "Serving the Policy gRPC API.", %addr);
     tonic::transport::Server::builder()
         .add_service(PolicyServer::new(api).max_decoding_message_size(8 * 1024 * 1024))
-        .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(listener),
-            service::stopped(stop),
-        )
+        .serve_with_incoming_shutdown(listener.incoming(), service::stopped(stop))
         .await
         .with_context(|| format!("serving gRPC on {addr}"))
 }
@@ -218,6 +218,7 @@ mod tests {
         let built = Config::new(parsed.common.clone());
         assert_eq!(parsed.grpc_addr, built.grpc_addr);
         assert_eq!(parsed.grpc_addr.to_string(), DEFAULT_GRPC_ADDR);
+        assert!(!parsed.grpc_tls.grpc_insecure);
     }
 
     #[test]

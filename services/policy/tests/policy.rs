@@ -77,6 +77,7 @@ impl Service {
             CLUSTER,
             "--grpc-addr",
             &grpc_text,
+            "--grpc-insecure",
         ])
         .unwrap();
         cnnf_service::init_logging();
