@@ -207,6 +207,9 @@ async fn a_node_does_exactly_what_its_permissions_allow() {
         own.get(format!("{CLUSTER}.n1")).await.unwrap().unwrap().as_ref(),
         b"table-2"
     );
+    // The server logs what it refused (the agent's test relies on it).
+    let log = std::fs::read_to_string(setup.server.log_path()).unwrap();
+    assert!(log.contains("Permissions Violation for Publish to \"cnnf.flow.prod.n2\""));
 }
 
 #[tokio::test]
