@@ -74,7 +74,10 @@ fn open(dir: &Path) -> anyhow::Result<AuthDir> {
 pub fn init(dir: &Path) -> anyhow::Result<()> {
     let (auth, created) = AuthDir::init(dir).map_err(reported)?;
     if created {
-        println!("created the credentials of this installation in {}", auth.path().display());
+        println!(
+            "created the credentials of this installation in {}",
+            auth.path().display()
+        );
     } else {
         println!("{} already holds credentials; nothing changed", auth.path().display());
     }
@@ -100,7 +103,12 @@ pub async fn run(command: NodesCommand, url: &str, options: &cnnf_bus::NatsOptio
             let mut auth = open(&auth_dir)?;
             if let Some(parent) = out.parent().filter(|parent| !parent.as_os_str().is_empty()) {
                 if !parent.is_dir() {
-                    return Err(Usage(format!("--out {}: {} is not a directory", out.display(), parent.display())).into());
+                    return Err(Usage(format!(
+                        "--out {}: {} is not a directory",
+                        out.display(),
+                        parent.display()
+                    ))
+                    .into());
                 }
             }
             let enrolment = auth.enroll(&cluster, &node, &out).map_err(reported)?;

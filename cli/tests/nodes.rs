@@ -66,7 +66,16 @@ async fn a_revoked_node_is_disconnected_and_refused() {
     assert_eq!(code, 0);
     assert!(out.contains("nothing changed"), "{out}");
     let (code, out, err) = cnnf(&[
-        "nodes", "enroll", "--auth-dir", text(&dir), "--cluster", "prod", "--node", "n1", "--out", text(&creds),
+        "nodes",
+        "enroll",
+        "--auth-dir",
+        text(&dir),
+        "--cluster",
+        "prod",
+        "--node",
+        "n1",
+        "--out",
+        text(&creds),
     ])
     .await;
     assert_eq!(code, 0, "{err}");
@@ -74,7 +83,16 @@ async fn a_revoked_node_is_disconnected_and_refused() {
 
     // Bad usage: what and where, status 64.
     let (code, _, err) = cnnf(&[
-        "nodes", "enroll", "--auth-dir", text(&dir), "--cluster", "prod", "--node", "a.b", "--out", text(&creds),
+        "nodes",
+        "enroll",
+        "--auth-dir",
+        text(&dir),
+        "--cluster",
+        "prod",
+        "--node",
+        "a.b",
+        "--out",
+        text(&creds),
     ])
     .await;
     assert_eq!(code, 64, "{err}");
@@ -90,7 +108,16 @@ async fn a_revoked_node_is_disconnected_and_refused() {
     assert!(err.contains("--nats-creds"), "{err}");
     // Enrolling an enrolled node again is refused (revoke first).
     let (code, _, err) = cnnf(&[
-        "nodes", "enroll", "--auth-dir", text(&dir), "--cluster", "prod", "--node", "n1", "--out", text(&creds),
+        "nodes",
+        "enroll",
+        "--auth-dir",
+        text(&dir),
+        "--cluster",
+        "prod",
+        "--node",
+        "n1",
+        "--out",
+        text(&creds),
     ])
     .await;
     assert_eq!(code, 1, "{err}");
@@ -112,7 +139,16 @@ async fn a_revoked_node_is_disconnected_and_refused() {
 
     let started = Instant::now();
     let (code, out, err) = cnnf(&[
-        "--nats-url", &server.url(), "nodes", "revoke", "--auth-dir", text(&dir), "--cluster", "prod", "--node", "n1",
+        "--nats-url",
+        &server.url(),
+        "nodes",
+        "revoke",
+        "--auth-dir",
+        text(&dir),
+        "--cluster",
+        "prod",
+        "--node",
+        "n1",
     ])
     .await;
     assert_eq!(code, 0, "{out}{err}");
@@ -125,8 +161,14 @@ async fn a_revoked_node_is_disconnected_and_refused() {
         }
     })
     .await;
-    assert!(disconnected.is_ok(), "the revoked node was not disconnected within 10 s");
-    println!("revocation to disconnect: {:?} (including the cnnf process)", started.elapsed());
+    assert!(
+        disconnected.is_ok(),
+        "the revoked node was not disconnected within 10 s"
+    );
+    println!(
+        "revocation to disconnect: {:?} (including the cnnf process)",
+        started.elapsed()
+    );
     drop(node);
 
     // It cannot log in again, now or after a restart of the server.
@@ -141,7 +183,16 @@ async fn a_revoked_node_is_disconnected_and_refused() {
 
     // Enrolled again: new creds that work.
     let (code, _, err) = cnnf(&[
-        "nodes", "enroll", "--auth-dir", text(&dir), "--cluster", "prod", "--node", "n1", "--out", text(&creds),
+        "nodes",
+        "enroll",
+        "--auth-dir",
+        text(&dir),
+        "--cluster",
+        "prod",
+        "--node",
+        "n1",
+        "--out",
+        text(&creds),
     ])
     .await;
     assert_eq!(code, 0, "{err}");

@@ -107,7 +107,15 @@ async fn an_agent_with_node_credentials_publishes_and_follows_its_table() {
         .port();
     let _agent = Agent(
         Command::new(env!("CARGO_BIN_EXE_cnnf-agent"))
-            .args(["--no-dataplane", "--cluster", "prod", "--node", "n1", "--heartbeat-seconds", "1"])
+            .args([
+                "--no-dataplane",
+                "--cluster",
+                "prod",
+                "--node",
+                "n1",
+                "--heartbeat-seconds",
+                "1",
+            ])
             .arg("--nats-url")
             .arg(server.url())
             .arg("--nats-creds")
@@ -124,10 +132,15 @@ async fn an_agent_with_node_credentials_publishes_and_follows_its_table() {
     );
 
     // It receives its table (watch on its own key, under its own inbox).
-    eventually_every("the agent's table version 7", PATIENCE, Duration::from_millis(100), || async {
-        let page = metrics(http_port).await?;
-        (cnnf_service::metric_value(&page, "cnnf_agent_table_version") == Some(7.0)).then_some(())
-    })
+    eventually_every(
+        "the agent's table version 7",
+        PATIENCE,
+        Duration::from_millis(100),
+        || async {
+            let page = metrics(http_port).await?;
+            (cnnf_service::metric_value(&page, "cnnf_agent_table_version") == Some(7.0)).then_some(())
+        },
+    )
     .await;
     // Its spooled events and its heartbeats are stored.
     let started = first_on(&js, cnnf_bus::topology::WORKLOADS, "cnnf.workload.prod.n1").await;
@@ -143,10 +156,15 @@ async fn an_agent_with_node_credentials_publishes_and_follows_its_table() {
         .put("prod.n1", newer.encode_to_vec().into())
         .await
         .unwrap();
-    eventually_every("the agent's table version 8", PATIENCE, Duration::from_millis(100), || async {
-        let page = metrics(http_port).await?;
-        (cnnf_service::metric_value(&page, "cnnf_agent_table_version") == Some(8.0)).then_some(())
-    })
+    eventually_every(
+        "the agent's table version 8",
+        PATIENCE,
+        Duration::from_millis(100),
+        || async {
+            let page = metrics(http_port).await?;
+            (cnnf_service::metric_value(&page, "cnnf_agent_table_version") == Some(8.0)).then_some(())
+        },
+    )
     .await;
     // None of that needed anything its permissions refuse.
     let log = std::fs::read_to_string(server.log_path()).unwrap();

@@ -160,14 +160,26 @@ impl AuthDir {
         )?;
         write_file(&dir.path.join(SYSTEM_JWT), system_jwt.as_bytes(), 0o644)?;
         let services = KeyPair::new_user();
-        let services_jwt = jwt::encode(&services.public_key(), "cnnf-services", now, &User::new(None), &dir.account)?;
+        let services_jwt = jwt::encode(
+            &services.public_key(),
+            "cnnf-services",
+            now,
+            &User::new(None),
+            &dir.account,
+        )?;
         write_file(
             &dir.path.join(SERVICES_CREDS),
             creds::format(&services_jwt, &services)?.as_bytes(),
             0o600,
         )?;
         let system_user = KeyPair::new_user();
-        let system_user_jwt = jwt::encode(&system_user.public_key(), "cnnf-system", now, &User::new(None), &dir.system)?;
+        let system_user_jwt = jwt::encode(
+            &system_user.public_key(),
+            "cnnf-system",
+            now,
+            &User::new(None),
+            &dir.system,
+        )?;
         write_file(
             &dir.path.join(SYSTEM_CREDS),
             creds::format(&system_user_jwt, &system_user)?.as_bytes(),
@@ -195,7 +207,12 @@ impl AuthDir {
                 reason: error.to_string(),
             })?,
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => State::default(),
-            Err(source) => return Err(AuthError::Io { path: state_path, source }),
+            Err(source) => {
+                return Err(AuthError::Io {
+                    path: state_path,
+                    source,
+                })
+            }
         };
         Ok(AuthDir {
             operator: read_seed(&path.join(OPERATOR_SEED))?,
@@ -244,7 +261,9 @@ impl AuthDir {
     /// The current `CNNF` account JWT.
     pub fn account_jwt(&self) -> Result<String, AuthError> {
         let path = self.path.join(ACCOUNT_JWT);
-        fs::read_to_string(&path).map(|text| text.trim().to_owned()).map_err(io_error(&path))
+        fs::read_to_string(&path)
+            .map(|text| text.trim().to_owned())
+            .map_err(io_error(&path))
     }
 
     /// Every enrolment, oldest first.
@@ -332,7 +351,13 @@ impl AuthDir {
         } else {
             now.max(self.state.account_issued + 1)
         };
-        let account_jwt = jwt::encode(&self.account.public_key(), ACCOUNT_NAME, issued, &account, &self.operator)?;
+        let account_jwt = jwt::encode(
+            &self.account.public_key(),
+            ACCOUNT_NAME,
+            issued,
+            &account,
+            &self.operator,
+        )?;
         write_file(&self.path.join(ACCOUNT_JWT), account_jwt.as_bytes(), 0o644)?;
         self.state.account_issued = issued;
         self.save_state()?;
@@ -404,10 +429,7 @@ mod tests {
             AuthDir::open(&temp.path().join("nothing")),
             Err(AuthError::NotInitialised(_))
         ));
-        assert!(matches!(
-            dir.revoke("prod", "n9"),
-            Err(AuthError::NotEnrolled { .. })
-        ));
+        assert!(matches!(dir.revoke("prod", "n9"), Err(AuthError::NotEnrolled { .. })));
         // Enrolled again after the revocation: a new user.
         let again = dir.enroll("prod", "n1", &out).unwrap();
         assert_ne!(again.user, enrolment.user);

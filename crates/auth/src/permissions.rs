@@ -80,7 +80,10 @@ mod tests {
         assert!(permissions
             .publish
             .contains(&"$JS.API.CONSUMER.CREATE.KV_cnnf-verdicts.*.$KV.cnnf-verdicts.prod.web-1".to_owned()));
-        assert!(permissions.publish.iter().all(|s| !s.starts_with("$KV.") && !s.contains("policy")));
+        assert!(permissions
+            .publish
+            .iter()
+            .all(|s| !s.starts_with("$KV.") && !s.contains("policy")));
         assert_eq!(permissions.subscribe, vec!["_INBOX_prod.web-1.>".to_owned()]);
     }
 }

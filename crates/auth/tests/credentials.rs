@@ -170,9 +170,11 @@ async fn a_node_does_exactly_what_its_permissions_allow() {
         .is_err());
     violation(&mut events, "Publish", "$JS.API.STREAM.CREATE.MINE").await;
     // Another node's verdicts: no watch.
-    assert!(cnnf_bus::kv::watch(&quick, "cnnf-verdicts", &format!("{CLUSTER}.n2"), "peek")
-        .await
-        .is_err());
+    assert!(
+        cnnf_bus::kv::watch(&quick, "cnnf-verdicts", &format!("{CLUSTER}.n2"), "peek")
+            .await
+            .is_err()
+    );
     violation(
         &mut events,
         "Publish",

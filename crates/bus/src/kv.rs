@@ -78,7 +78,9 @@ pub async fn watch(js: &jetstream::Context, bucket: &str, key: &str, name: &str)
             message,
         };
         let message = message.map_err(|error| failed(error.to_string()))?;
-        let info = message.info().map_err(|error| failed(format!("bad message metadata: {error}")))?;
+        let info = message
+            .info()
+            .map_err(|error| failed(format!("bad message metadata: {error}")))?;
         let operation = message
             .headers
             .as_ref()

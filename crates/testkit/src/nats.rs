@@ -181,12 +181,18 @@ impl TlsFiles {
             .subject_alt_names
             .push(SanType::IpAddress(std::net::IpAddr::from([127, 0, 0, 1])));
         server_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        let server_cert = server_params.signed_by(&server_key, &issuer).expect("server certificate");
+        let server_cert = server_params
+            .signed_by(&server_key, &issuer)
+            .expect("server certificate");
         let client_key = KeyPair::generate().expect("client key");
         let mut client_params = CertificateParams::new(Vec::<String>::new()).expect("client params");
-        client_params.distinguished_name.push(DnType::CommonName, "cnnf-testkit client");
+        client_params
+            .distinguished_name
+            .push(DnType::CommonName, "cnnf-testkit client");
         client_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        let client_cert = client_params.signed_by(&client_key, &issuer).expect("client certificate");
+        let client_cert = client_params
+            .signed_by(&client_key, &issuer)
+            .expect("client certificate");
         let files = TlsFiles {
             ca: dir.join("ca.pem"),
             server_cert: dir.join("server.pem"),
