@@ -7,9 +7,15 @@
 //! - `cnnf status`: streams, buckets and consumers, with their counts.
 //! - `cnnf dlq`: the messages consumers quarantined, with the reasons.
 //! - `cnnf demo`: publishes a small demo fleet (workloads and decisions).
+//! - `cnnf auth init`: the operator, accounts, services and system
+//!   credentials and the nats-server include file of an installation.
+//! - `cnnf nodes enroll|list|revoke`: one creds file per node agent,
+//!   allowing exactly that node's subjects and keys; a revocation is pushed
+//!   to the running server, which closes the node's connection.
 
 #![forbid(unsafe_code)]
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -21,6 +27,10 @@ use cnnf_bus::topology;
 use futures::StreamExt;
 
 mod demo;
+mod nodes;
+
+/// Exit status for bad usage (EX_USAGE).
+const EXIT_USAGE: u8 = 64;
 
 #[derive(Debug, Parser)]
 #[command(name = "cnnf", version, about = "CNNF operator CLI")]
@@ -28,9 +38,67 @@ struct Cli {
     /// NATS server URL(s), comma-separated.
     #[arg(long, global = true, env = "CNNF_NATS_URL", default_value = "nats://127.0.0.1:4222")]
     nats_url: String,
+    /// NATS credentials (a `.creds` file, e.g. the auth directory's
+    /// `services.creds`).
+    #[arg(long, global = true, env = "CNNF_NATS_CREDS")]
+    nats_creds: Option<PathBuf>,
+    /// PEM file of the CAs that sign the NATS server's certificate (TLS is
+    /// then required).
+    #[arg(long, global = true, env = "CNNF_NATS_CA")]
+    nats_ca: Option<PathBuf>,
+    /// PEM client certificate, for servers that verify clients.
+    #[arg(long, global = true, env = "CNNF_NATS_CERT", requires = "nats_key")]
+    nats_cert: Option<PathBuf>,
+    /// PEM private key of `--nats-cert`.
+    #[arg(long, global = true, env = "CNNF_NATS_KEY", requires = "nats_cert")]
+    nats_key: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
+
+impl Cli {
+    /// The connection settings the flags give, checked (missing files are
+    /// bad usage).
+    fn nats_options(&self) -> anyhow::Result<cnnf_bus::NatsOptions> {
+        check_files(&[
+            ("--nats-creds", &self.nats_creds),
+            ("--nats-ca", &self.nats_ca),
+            ("--nats-cert", &self.nats_cert),
+            ("--nats-key", &self.nats_key),
+        ])?;
+        Ok(cnnf_bus::NatsOptions {
+            credentials: self.nats_creds.clone(),
+            ca: self.nats_ca.clone(),
+            cert: self.nats_cert.clone(),
+            key: self.nats_key.clone(),
+            inbox_prefix: None,
+        })
+    }
+}
+
+/// Checks that each given file can be read; a failure is bad usage.
+fn check_files(files: &[(&str, &Option<PathBuf>)]) -> anyhow::Result<()> {
+    for (flag, path) in files {
+        if let Some(path) = path {
+            if let Err(error) = std::fs::File::open(path) {
+                return Err(Usage(format!("{flag} {}: cannot be read: {error}", path.display())).into());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// An error in how the command was called: exit status 64.
+#[derive(Debug)]
+struct Usage(String);
+
+impl std::fmt::Display for Usage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Usage {}
 
 #[derive(Debug, Subcommand)]
 enum Command {
@@ -48,6 +116,28 @@ enum Command {
         /// Cluster the demo nodes belong to.
         #[arg(long, default_value = "local")]
         cluster: String,
+    },
+    /// The credentials of this installation.
+    Auth {
+        #[command(subcommand)]
+        command: AuthCommand,
+    },
+    /// Node agents' credentials: enroll, list, revoke.
+    Nodes {
+        #[command(subcommand)]
+        command: nodes::NodesCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AuthCommand {
+    /// Creates the operator, the system and CNNF accounts, the services'
+    /// and the system user's creds files and the nats-server include file
+    /// in a directory; leaves a directory already initialised unchanged.
+    Init {
+        /// The auth directory (created if missing; keep it private).
+        #[arg(long)]
+        dir: PathBuf,
     },
 }
 
@@ -74,24 +164,37 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("cnnf: {error:#}");
-            ExitCode::FAILURE
+            if error.downcast_ref::<Usage>().is_some() {
+                ExitCode::from(EXIT_USAGE)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    let client = async_nats::ConnectOptions::new()
-        .name("cnnf-cli")
-        .connection_timeout(Duration::from_secs(5))
-        .connect(&cli.nats_url)
-        .await
-        .with_context(|| format!("connecting to NATS at {}", cli.nats_url))?;
-    let js = cnnf_bus::jetstream(client);
+    let options = cli.nats_options()?;
     match cli.command {
-        Command::Status => status(&js).await,
-        Command::Dlq { limit } => dead_letters(&js, limit).await,
-        Command::Demo { cluster } => demo::publish(js, &cluster).await,
+        Command::Status => status(&jetstream_of(&cli.nats_url, &options).await?).await,
+        Command::Dlq { limit } => dead_letters(&jetstream_of(&cli.nats_url, &options).await?, limit).await,
+        Command::Demo { cluster } => demo::publish(jetstream_of(&cli.nats_url, &options).await?, &cluster).await,
+        Command::Auth {
+            command: AuthCommand::Init { dir },
+        } => nodes::init(&dir),
+        Command::Nodes { command } => nodes::run(command, &cli.nats_url, &options).await,
     }
+}
+
+/// Connects once (no retries: a tool should say at once that the server
+/// is not there).
+async fn jetstream_of(url: &str, options: &cnnf_bus::NatsOptions) -> anyhow::Result<jetstream::Context> {
+    let client = cnnf_bus::connect_options("cnnf-cli", options)
+        .await?
+        .connect(url)
+        .await
+        .with_context(|| format!("connecting to NATS at {url}"))?;
+    Ok(cnnf_bus::jetstream(client))
 }
 
 async fn status(js: &jetstream::Context) -> anyhow::Result<()> {

@@ -62,6 +62,12 @@ enum Command {
         /// NATS, for the verdict table and the incident subject.
         #[arg(long, env = "CNNF_NATS_URL", default_value = "nats://127.0.0.1:4222")]
         nats_url: String,
+        /// NATS credentials (the services' creds file).
+        #[arg(long, env = "CNNF_NATS_CREDS")]
+        nats_creds: Option<PathBuf>,
+        /// PEM file of the CAs of the NATS server's certificate.
+        #[arg(long, env = "CNNF_NATS_CA")]
+        nats_ca: Option<PathBuf>,
         /// The cluster the agent and services run as.
         #[arg(long, env = "CNNF_CLUSTER", default_value = "local")]
         cluster: String,
@@ -140,6 +146,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             gateway,
             token,
             nats_url,
+            nats_creds,
+            nats_ca,
             cluster,
             node,
             agent_metrics,
@@ -147,11 +155,24 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             step_timeout_seconds,
             scan_ports,
         } => {
+            for (flag, path) in [("--nats-creds", &nats_creds), ("--nats-ca", &nats_ca)] {
+                if let Some(path) = path {
+                    if let Err(error) = std::fs::File::open(path) {
+                        eprintln!("cnnf-demo: {flag} {}: cannot be read: {error}", path.display());
+                        return Ok(ExitCode::from(64));
+                    }
+                }
+            }
             let settings = scenario::Settings {
                 lab: lab::Lab::new(&lab.prefix, lab.subnet)?,
                 gateway,
                 token,
                 nats_url,
+                nats: cnnf_bus::NatsOptions {
+                    credentials: nats_creds,
+                    ca: nats_ca,
+                    ..Default::default()
+                },
                 cluster,
                 node,
                 agent_metrics,

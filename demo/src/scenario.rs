@@ -48,6 +48,8 @@ pub struct Settings {
     pub token: String,
     /// NATS, for the verdict table and the incident subject.
     pub nats_url: String,
+    /// How to log in to NATS (creds, TLS).
+    pub nats: cnnf_bus::NatsOptions,
     /// The cluster and node the agent runs as.
     pub cluster: String,
     /// The agent's node name.
@@ -679,7 +681,9 @@ pub async fn up(settings: &Settings) -> anyhow::Result<Report> {
     settings.lab.create()?;
     write_inventory(settings)?;
     start_processes(settings)?;
-    let nats = async_nats::connect(&settings.nats_url)
+    let nats = cnnf_bus::connect_options("cnnf-demo", &settings.nats)
+        .await?
+        .connect(&settings.nats_url)
         .await
         .with_context(|| format!("connecting to NATS at {}", settings.nats_url))?;
     let mut clients = connect(settings).await?;

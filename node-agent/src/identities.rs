@@ -354,16 +354,20 @@ fn read_entry(entry: &kv::Entry) -> Option<(IpAddr, Option<Arc<Peer>>)> {
 /// Follows KV `cnnf-identities` (a snapshot of every key, then changes)
 /// into `identities.apply_fleet` until `stop` turns true; watches again
 /// after any failure (the snapshot is delivered again and simply reapplied).
+/// The watch consumers are named `<consumer>_<attempt>`.
 pub async fn watch_fleet(
     js: jetstream::Context,
+    consumer: String,
     identities: Arc<Identities>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let mut delay = Duration::from_millis(200);
+    let mut attempts = 0u64;
     loop {
+        attempts += 1;
+        let name = format!("{consumer}_{attempts}");
         let attempt = async {
-            let store = js.get_key_value(cnnf_bus::topology::IDENTITIES_BUCKET).await?;
-            let mut entries = store.watch_with_history(">").await?;
+            let mut entries = cnnf_bus::kv::watch(&js, cnnf_bus::topology::IDENTITIES_BUCKET, ">", &name).await?;
             tracing::info!(message = "Following the fleet identity map.");
             while let Some(first) = entries.next().await {
                 let mut batch: Vec<_> = read_entry(&first?).into_iter().collect();

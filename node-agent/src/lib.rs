@@ -243,7 +243,13 @@ pub async fn run(config: Config, health: Health, shutdown: impl Future<Output = 
 
     // The network: NATS in the background (the client connects and
     // reconnects on its own).
-    let client = cnnf_bus::connect(&config.common.nats_url, NAME)
+    // Replies come back under the node's own inbox prefix: its credentials
+    // allow it to subscribe to nothing else.
+    let nats = cnnf_bus::NatsOptions {
+        inbox_prefix: Some(format!("_INBOX_{cluster}.{node}")),
+        ..config.common.nats_options()
+    };
+    let client = cnnf_bus::connect(&config.common.nats_url, NAME, &nats)
         .await
         .with_context(|| format!("connecting to NATS at {}", config.common.nats_url))?;
     let js = cnnf_bus::jetstream(client);
@@ -252,11 +258,13 @@ pub async fn run(config: Config, health: Health, shutdown: impl Future<Output = 
     tasks.spawn(tables::watch(
         js.clone(),
         subjects::verdict_key(&cluster, &node),
+        format!("agent_verdicts_{cluster}_{node}_{boot_id}"),
         Arc::clone(&tables),
         stop.clone(),
     ));
     tasks.spawn(identities::watch_fleet(
         js.clone(),
+        format!("agent_identities_{cluster}_{node}_{boot_id}"),
         Arc::clone(&identities),
         stop.clone(),
     ));

@@ -280,18 +280,23 @@ pub fn persist(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 /// Follows the node's key in KV `cnnf-verdicts` and offers every value to
 /// `tables`, until `stop` turns true. Reconnects (with back-off) whenever
 /// the watch fails; the current value is redelivered then and ignored as
-/// stale when already in force.
+/// stale when already in force. The watch consumers are named
+/// `<consumer>_<attempt>` (see `cnnf_bus::kv`: a node's credentials allow
+/// a consumer on its own key only, named in the request subject).
 pub async fn watch(
     js: jetstream::Context,
     key: String,
+    consumer: String,
     tables: Arc<Tables>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let mut delay = Duration::from_millis(200);
+    let mut attempts = 0u64;
     loop {
+        attempts += 1;
+        let name = format!("{consumer}_{attempts}");
         let attempt = async {
-            let store = js.get_key_value(cnnf_bus::topology::VERDICTS_BUCKET).await?;
-            let mut entries = store.watch_with_history(&key).await?;
+            let mut entries = cnnf_bus::kv::watch(&js, cnnf_bus::topology::VERDICTS_BUCKET, &key, &name).await?;
             tracing::info!(message = "Following the verdict table.", key = %key);
             while let Some(entry) = entries.next().await {
                 let entry = entry?;

@@ -74,6 +74,21 @@ pub struct CommonConfig {
     /// Replicas of streams and buckets (3 in a NATS cluster).
     #[arg(long, env = "CNNF_REPLICAS", default_value_t = 1)]
     pub replicas: usize,
+    /// NATS credentials: a `.creds` file (`cnnf auth init`, `cnnf nodes
+    /// enroll`).
+    #[arg(long, env = "CNNF_NATS_CREDS")]
+    pub nats_creds: Option<PathBuf>,
+    /// PEM file of the CAs that sign the NATS server's certificate; the
+    /// connection then requires TLS.
+    #[arg(long, env = "CNNF_NATS_CA")]
+    pub nats_ca: Option<PathBuf>,
+    /// PEM client certificate for NATS servers that verify clients (with
+    /// `--nats-key`).
+    #[arg(long, env = "CNNF_NATS_CERT", requires = "nats_key")]
+    pub nats_cert: Option<PathBuf>,
+    /// PEM private key of `--nats-cert`.
+    #[arg(long, env = "CNNF_NATS_KEY", requires = "nats_cert")]
+    pub nats_key: Option<PathBuf>,
 }
 
 impl CommonConfig {
@@ -85,7 +100,24 @@ impl CommonConfig {
             "--replicas must be between 1 and 5, got {}",
             self.replicas
         );
-        Ok(())
+        check_nats_files(&[
+            ("--nats-creds", &self.nats_creds),
+            ("--nats-ca", &self.nats_ca),
+            ("--nats-cert", &self.nats_cert),
+            ("--nats-key", &self.nats_key),
+        ])
+    }
+
+    /// The NATS login and TLS settings (no inbox prefix: only node agents
+    /// need one).
+    pub fn nats_options(&self) -> cnnf_bus::NatsOptions {
+        cnnf_bus::NatsOptions {
+            credentials: self.nats_creds.clone(),
+            ca: self.nats_ca.clone(),
+            cert: self.nats_cert.clone(),
+            key: self.nats_key.clone(),
+            inbox_prefix: None,
+        }
     }
 
     /// The topology settings this configuration implies.
@@ -95,6 +127,18 @@ impl CommonConfig {
             ..Default::default()
         }
     }
+}
+
+/// Checks that each given NATS file (creds, CA, certificate, key) is a
+/// readable file; the error names the flag and the path.
+pub fn check_nats_files(files: &[(&str, &Option<PathBuf>)]) -> anyhow::Result<()> {
+    for (flag, path) in files {
+        if let Some(path) = path {
+            std::fs::File::open(path).with_context(|| format!("{flag} {}: cannot be read", path.display()))?;
+            anyhow::ensure!(path.is_file(), "{flag} {}: not a file", path.display());
+        }
+    }
+    Ok(())
 }
 
 /// Parses configuration the way every CNNF binary does: `--help` and
@@ -253,7 +297,7 @@ async fn ready(State(health): State<Health>) -> impl IntoResponse {
 /// Connects to NATS and declares the topology (idempotent); retries until
 /// NATS answers, so a service can start before the server.
 pub async fn connect_and_ensure(name: &str, config: &CommonConfig) -> anyhow::Result<async_nats::jetstream::Context> {
-    let client = cnnf_bus::connect(&config.nats_url, name)
+    let client = cnnf_bus::connect(&config.nats_url, name, &config.nats_options())
         .await
         .with_context(|| format!("connecting to NATS at {}", config.nats_url))?;
     let js = cnnf_bus::jetstream(client);

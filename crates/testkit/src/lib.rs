@@ -2,7 +2,8 @@
 //!
 //! It drives real parts only:
 //! - [`nats`]: a real `nats-server` process (single node or a routed cluster)
-//!   with JetStream on free loopback ports and temporary stores;
+//!   with JetStream on free loopback ports and temporary stores, plain or
+//!   with an included configuration (operator mode) and/or TLS;
 //! - [`netns`]: real Linux network namespaces attached to a private bridge,
 //!   standing in for containers, with helpers to run commands and open
 //!   sockets inside them;
@@ -23,6 +24,6 @@ pub mod nats;
 pub mod netns;
 pub mod wait;
 
-pub use nats::{NatsCluster, NatsServer};
+pub use nats::{NatsCluster, NatsServer, ServerOptions, TlsFiles};
 pub use netns::{ChildGuard, FakeContainer, Lab, TcpServerGuard};
 pub use wait::{eventually, eventually_every};

@@ -129,6 +129,106 @@ impl std::fmt::Display for StartError {
     }
 }
 
+/// What a server started with [`NatsServer::start_with`] adds to the plain
+/// one.
+#[derive(Debug, Clone, Default)]
+pub struct ServerOptions {
+    /// A nats-server configuration file to include, for example the file
+    /// an auth directory keeps for operator mode (`operator`,
+    /// `system_account`, `resolver`, `resolver_preload`). Paths inside it
+    /// should be absolute.
+    pub include: Option<PathBuf>,
+    /// Serve TLS on the client port, with a certificate for `127.0.0.1` and
+    /// `localhost` from a fresh test CA ([`NatsServer::tls`]).
+    pub tls: bool,
+    /// With `tls`: also require a client certificate from that CA.
+    pub verify_clients: bool,
+}
+
+/// The PEM files of a TLS server's test PKI.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    /// The CA that signed the server's and the client's certificates.
+    pub ca: PathBuf,
+    /// The server's certificate.
+    pub server_cert: PathBuf,
+    /// The server's key.
+    pub server_key: PathBuf,
+    /// A client certificate signed by the CA.
+    pub client_cert: PathBuf,
+    /// The client certificate's key.
+    pub client_key: PathBuf,
+}
+
+impl TlsFiles {
+    /// Writes a fresh CA, a server certificate for `127.0.0.1` and
+    /// `localhost`, and a client certificate into `dir`.
+    fn generate(dir: &Path) -> TlsFiles {
+        use rcgen::{
+            BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+            KeyUsagePurpose, SanType,
+        };
+        let ca_key = KeyPair::generate().expect("CA key");
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params.distinguished_name.push(DnType::CommonName, "cnnf-testkit CA");
+        ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::DigitalSignature];
+        let ca_cert = ca_params.self_signed(&ca_key).expect("CA certificate");
+        let issuer = Issuer::from_params(&ca_params, &ca_key);
+        let server_key = KeyPair::generate().expect("server key");
+        let mut server_params = CertificateParams::new(vec!["localhost".to_owned()]).expect("server params");
+        server_params
+            .subject_alt_names
+            .push(SanType::IpAddress(std::net::IpAddr::from([127, 0, 0, 1])));
+        server_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let server_cert = server_params
+            .signed_by(&server_key, &issuer)
+            .expect("server certificate");
+        let client_key = KeyPair::generate().expect("client key");
+        let mut client_params = CertificateParams::new(Vec::<String>::new()).expect("client params");
+        client_params
+            .distinguished_name
+            .push(DnType::CommonName, "cnnf-testkit client");
+        client_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let client_cert = client_params
+            .signed_by(&client_key, &issuer)
+            .expect("client certificate");
+        let files = TlsFiles {
+            ca: dir.join("ca.pem"),
+            server_cert: dir.join("server.pem"),
+            server_key: dir.join("server.key"),
+            client_cert: dir.join("client.pem"),
+            client_key: dir.join("client.key"),
+        };
+        for (path, text) in [
+            (&files.ca, ca_cert.pem()),
+            (&files.server_cert, server_cert.pem()),
+            (&files.server_key, server_key.serialize_pem()),
+            (&files.client_cert, client_cert.pem()),
+            (&files.client_key, client_key.serialize_pem()),
+        ] {
+            fs::write(path, text).expect("writing the test PKI");
+        }
+        files
+    }
+}
+
+/// `to` as a path relative to the directory `from` (both absolute):
+/// nats-server resolves an `include` against the including file's folder.
+fn relative_to(from: &Path, to: &Path) -> PathBuf {
+    let from: Vec<_> = from.components().collect();
+    let target: Vec<_> = to.components().collect();
+    let common = from.iter().zip(&target).take_while(|(a, b)| a == b).count();
+    let mut path = PathBuf::new();
+    for _ in common..from.len() {
+        path.push("..");
+    }
+    for part in &target[common..] {
+        path.push(part);
+    }
+    path
+}
+
 /// A real `nats-server` with JetStream on 127.0.0.1.
 ///
 /// The process is killed when this is dropped (also when the test panics) and
@@ -141,6 +241,8 @@ pub struct NatsServer {
     port: u16,
     http_port: u16,
     cluster: Option<ClusterSpec>,
+    options: ServerOptions,
+    tls: Option<TlsFiles>,
     child: Option<Child>,
 }
 
@@ -153,10 +255,26 @@ impl NatsServer {
     /// If the binary is missing or too old, or the server is not ready within
     /// about 10 s; the message includes the tail of the server's log.
     pub async fn start() -> NatsServer {
+        NatsServer::start_with(ServerOptions::default()).await
+    }
+
+    /// Like [`start`](Self::start), with an included configuration file
+    /// (operator mode, say) and/or TLS on the client port.
+    ///
+    /// # Panics
+    /// As [`start`](Self::start); also if the include file is missing.
+    pub async fn start_with(options: ServerOptions) -> NatsServer {
+        if let Some(include) = &options.include {
+            assert!(include.is_file(), "include file {} does not exist", include.display());
+        }
         let mut last = String::new();
         for attempt in 1..=START_ATTEMPTS {
             let ports = free_ports(2);
             let mut server = NatsServer::prepare(unique_name("nats"), ports[0], ports[1], None);
+            server.options = options.clone();
+            if options.tls {
+                server.tls = Some(TlsFiles::generate(server.dir.path()));
+            }
             match server.launch_and_wait(SINGLE_READY_TIMEOUT).await {
                 Ok(()) => return server,
                 Err(e) => {
@@ -186,8 +304,15 @@ impl NatsServer {
             port,
             http_port,
             cluster,
+            options: ServerOptions::default(),
+            tls: None,
             child: None,
         }
+    }
+
+    /// The TLS files of a server started with `tls`.
+    pub fn tls(&self) -> Option<&TlsFiles> {
+        self.tls.as_ref()
     }
 
     /// The client URL, `nats://127.0.0.1:<port>`.
@@ -295,6 +420,20 @@ impl NatsServer {
             http = self.http_port,
             store = self.store.display(),
         );
+        if let Some(tls) = &self.tls {
+            conf.push_str(&format!(
+                "tls {{\n  cert_file: \"{}\"\n  key_file: \"{}\"\n  ca_file: \"{}\"\n  verify: {}\n}}\n",
+                tls.server_cert.display(),
+                tls.server_key.display(),
+                tls.ca.display(),
+                self.options.verify_clients
+            ));
+        }
+        if let Some(include) = &self.options.include {
+            let include = include.canonicalize()?;
+            let here = self.dir.path().canonicalize()?;
+            conf.push_str(&format!("include \"{}\"\n", relative_to(&here, &include).display()));
+        }
         if let Some(c) = &self.cluster {
             let routes: Vec<String> = c.routes.iter().map(|p| format!("nats-route://127.0.0.1:{p}")).collect();
             conf.push_str(&format!(

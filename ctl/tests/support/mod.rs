@@ -133,6 +133,10 @@ impl Stack {
                 data_dir: dir.path().join("data"),
                 http_addr: None,
                 replicas: 1,
+                nats_creds: None,
+                nats_ca: None,
+                nats_cert: None,
+                nats_key: None,
             },
             gateway: cnnf_gateway::Settings {
                 listen,

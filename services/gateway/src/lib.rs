@@ -283,6 +283,7 @@ pub async fn run_on(
     let watcher = tokio::spawn(credentials.watch(Duration::from_secs(settings.tokens_poll_seconds.max(1))));
     let changes = tokio::spawn(radar::watch_changes(
         config.common.nats_url.clone(),
+        config.common.nats_options(),
         gateway.radar.clone(),
         health.component("gateway-radar-subscription"),
     ));

@@ -716,8 +716,13 @@ impl Radar {
 
 /// Subscribes to the subjects that change the graph and bumps the change
 /// counter on each message; retries the connection until NATS answers.
-pub async fn watch_changes(nats_url: String, radar: Radar, ready: cnnf_service::Readiness) {
-    let client = match cnnf_bus::connect(&nats_url, crate::NAME).await {
+pub async fn watch_changes(
+    nats_url: String,
+    nats: cnnf_bus::NatsOptions,
+    radar: Radar,
+    ready: cnnf_service::Readiness,
+) {
+    let client = match cnnf_bus::connect(&nats_url, crate::NAME, &nats).await {
         Ok(client) => client,
         Err(error) => {
             tracing::error!(message = "Radar cannot reach NATS; the stream will not update.", %error);

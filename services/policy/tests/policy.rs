@@ -198,7 +198,11 @@ impl Service {
 }
 
 async fn jetstream_of(server: &NatsServer) -> jetstream::Context {
-    cnnf_bus::jetstream(cnnf_bus::connect(&server.url(), "test").await.unwrap())
+    cnnf_bus::jetstream(
+        cnnf_bus::connect(&server.url(), "test", &cnnf_bus::NatsOptions::default())
+            .await
+            .unwrap(),
+    )
 }
 
 async fn publish(js: &jetstream::Context, subject: String, envelope: Envelope) {
