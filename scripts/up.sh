@@ -84,8 +84,13 @@ wait_http http://127.0.0.1:9105/ready cnnf-allinone allinone
 say "starting the node agent (node demo-node-1), enforcing through iptables and NFQUEUE"
 inventory="$STATE/demo/inventory.json"
 [ -f "$inventory" ] || echo '{"workloads": []}' >"$inventory"
+# The agent enforces only tables signed by the policy service: it trusts
+# the public key the all-in-one wrote beside its signing key at first start.
+table_keys="$STATE/services/policy/table-signing.pub"
+[ -f "$table_keys" ] || { echo "up.sh: $table_keys is missing (cnnf-allinone writes it at start)" >&2; exit 1; }
 CNNF_NODE=demo-node-1 CNNF_HTTP_ADDR=127.0.0.1:9100 \
-  start agent "$BIN/cnnf-agent" --data-dir "$STATE/agent" --workloads "inventory:$inventory"
+  start agent "$BIN/cnnf-agent" --data-dir "$STATE/agent" --workloads "inventory:$inventory" \
+  --table-keys "$table_keys"
 wait_http http://127.0.0.1:9100/ready cnnf-agent agent
 
 say "running the storefront demo"

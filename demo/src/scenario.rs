@@ -407,7 +407,10 @@ async fn wait_enforced(settings: &Settings, nats: &async_nats::Client) -> anyhow
             let Some(bytes) = store.get(&key).await.context("reading the verdict table")? else {
                 return Ok(None);
             };
-            let table = VerdictTable::decode(bytes).context("decoding the verdict table")?;
+            // The value is the policy's signed table; the agent verifies
+            // it, the demo only reads what was published.
+            let table = cnnf_signing::unverified_table(&bytes).context("reading the signed verdict table")?;
+            let table = VerdictTable::decode(table.as_slice()).context("decoding the verdict table")?;
             let enforcing: BTreeSet<String> = table
                 .models
                 .iter()

@@ -116,6 +116,11 @@ async fn the_demo_blocks_audits_and_reports_the_attacker_and_the_stop_command_le
         "--queue-first=3600".to_owned(),
         "--queue-count=1".to_owned(),
         "--aggregation-ms=200".to_owned(),
+        // The public key the policy service generated at its first start.
+        format!(
+            "--table-keys={}",
+            dir.path().join("services/policy/table-signing.pub").display()
+        ),
     ])
     .unwrap();
     let (stop_agent, agent_stopped) = tokio::sync::oneshot::channel::<()>();

@@ -1,6 +1,7 @@
 //! The agent's configuration: flags or `CNNF_*` environment variables,
 //! checked before anything starts (bad values exit with status 64).
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use cnnf_core::subjects::Token;
@@ -8,6 +9,7 @@ use cnnf_discovery::Source;
 use cnnf_service::CommonConfig;
 
 use crate::dataplane::chains::Hook;
+use crate::tables::Trust;
 
 /// What happens to new connections of the node's workloads while no agent
 /// reads the queues (stopped, crashed, restarting).
@@ -98,6 +100,18 @@ pub struct Config {
     /// Most decisions in one `DecisionBatch` message.
     #[arg(long, env = "CNNF_BATCH_DECISIONS", default_value_t = 1000)]
     pub batch_decisions: usize,
+    /// File of the public keys whose signed verdict tables the agent
+    /// enforces: one `cnnf-ed25519-public <key-id> <base64>` line per key,
+    /// several during a key rotation. The policy service writes its key as
+    /// `table-signing.pub` in its data directory. Required unless
+    /// `--allow-unsigned-tables`.
+    #[arg(long, env = "CNNF_TABLE_KEYS")]
+    pub table_keys: Option<PathBuf>,
+    /// For labs only: also take verdict tables nobody signed (and, without
+    /// `--table-keys`, check no signature at all), so anyone able to write
+    /// KV `cnnf-verdicts` can switch this node's enforcement off.
+    #[arg(long, env = "CNNF_ALLOW_UNSIGNED_TABLES")]
+    pub allow_unsigned_tables: bool,
 }
 
 impl Config {
@@ -150,7 +164,30 @@ impl Config {
             "--queue-first {} with {count} queues runs past queue 65535",
             self.queue_first
         );
+        self.table_trust()?;
         Ok(())
+    }
+
+    /// Which verdict tables the agent takes, from `--table-keys` (read
+    /// here) and `--allow-unsigned-tables`.
+    pub fn table_trust(&self) -> anyhow::Result<Trust> {
+        let keys = match &self.table_keys {
+            Some(path) => {
+                cnnf_signing::files::read_public_keys(path).map_err(|error| anyhow::anyhow!("--table-keys {error}"))?
+            }
+            None if self.allow_unsigned_tables => Vec::new(),
+            None => anyhow::bail!(
+                "--table-keys <file> is required: the public key of the policy service, whose signed verdict \
+                 tables this agent enforces. The policy service writes it at its first start as table-signing.pub \
+                 in its data directory (`cnnf-table-key public <secret key file>` prints it too). Only for a lab, \
+                 --allow-unsigned-tables takes tables without checking who wrote them"
+            ),
+        };
+        Ok(if self.allow_unsigned_tables {
+            Trust::allow_unsigned(keys)
+        } else {
+            Trust::keys(keys)
+        })
     }
 
     /// The queue range: first number and count (cores when 0).
@@ -206,6 +243,7 @@ mod tests {
             "2",
             "--fail-mode",
             "closed",
+            "--allow-unsigned-tables",
         ])
         .unwrap();
         config.validate().unwrap();
@@ -221,5 +259,37 @@ mod tests {
         assert!(bad.validate().unwrap_err().to_string().contains("--queue-first"));
         let bad = Config::try_parse_from(["cnnf-agent", "--node", "a.b"]).unwrap();
         assert!(bad.validate().is_err());
+    }
+
+    #[test]
+    fn tables_need_trusted_keys_unless_unsigned_ones_are_allowed() {
+        let error = Config::try_parse_from(["cnnf-agent"]).unwrap().validate().unwrap_err();
+        assert!(error.to_string().contains("--table-keys <file> is required"), "{error}");
+        assert!(error.to_string().contains("table-signing.pub"), "{error}");
+        let lab = Config::try_parse_from(["cnnf-agent", "--allow-unsigned-tables"]).unwrap();
+        assert!(lab.table_trust().unwrap().allows_unsigned());
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("trusted.pub");
+        let key = cnnf_signing::SigningKey::from_seed(&[3; 32]);
+        std::fs::write(&path, format!("{}\n", key.public_key().to_line())).unwrap();
+        let config = Config::try_parse_from(["cnnf-agent", "--table-keys", path.to_str().unwrap()]).unwrap();
+        config.validate().unwrap();
+        let trust = config.table_trust().unwrap();
+        assert!(!trust.allows_unsigned());
+        assert_eq!(trust.trusted(), [key.public_key().clone()]);
+
+        std::fs::write(&path, key.to_text()).unwrap();
+        let error = config.validate().unwrap_err().to_string();
+        assert!(
+            error.contains("--table-keys") && error.contains("secret key"),
+            "{error}"
+        );
+        let missing = Config::try_parse_from(["cnnf-agent", "--table-keys", "/nonexistent/keys.pub"]).unwrap();
+        assert!(missing
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("/nonexistent/keys.pub"));
     }
 }

@@ -168,7 +168,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let token = |value: &str| cnnf_core::subjects::Token::new("test", value).unwrap();
         let metrics = Metrics::default();
-        let tables = Arc::new(Tables::load(dir.path(), &token("c"), &token("n"), metrics.clone()));
+        let tables = Arc::new(Tables::load(
+            dir.path(),
+            &token("c"),
+            &token("n"),
+            crate::tables::Trust::allow_unsigned(Vec::new()),
+            metrics.clone(),
+        ));
         let table = VerdictTable {
             version: 2,
             mode: mode as i32,

@@ -196,7 +196,19 @@ pub async fn run(config: Config, health: Health, shutdown: impl Future<Output = 
         .with_context(|| format!("creating the state directory {}", state_dir.display()))?;
 
     // Everything enforcement needs, from local state only.
-    let tables = Arc::new(Tables::load(&state_dir, &cluster, &node, metrics.clone()));
+    let trust = config.table_trust()?;
+    let key_ids: Vec<String> = trust.trusted().iter().map(|key| key.id().to_string()).collect();
+    tracing::info!(
+        message = "Enforcing verdict tables signed by these keys.",
+        key_ids = %key_ids.join(",")
+    );
+    if trust.allows_unsigned() {
+        tracing::warn!(
+            message = "Unsigned verdict tables are allowed (--allow-unsigned-tables): anyone able to write KV cnnf-verdicts can change this node's enforcement. For labs only.",
+            trusted_keys = trust.trusted().len()
+        );
+    }
+    let tables = Arc::new(Tables::load(&state_dir, &cluster, &node, trust, metrics.clone()));
     let identities = Arc::new(Identities::new(metrics.clone()));
     let (ring, ring_receiver) = Ring::new(config.ring_size, metrics.clone());
     let engine = Arc::new(Engine::new(

@@ -37,7 +37,8 @@ pub struct QueueLabels {
 /// Labels of rejected tables.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RejectLabels {
-    /// `decode`, `compile` or `wrong-node`.
+    /// `unsigned`, `unknown-key`, `signature` (the signature does not
+    /// verify), `decode`, `compile` or `wrong-node`.
     pub reason: &'static str,
 }
 
@@ -54,6 +55,16 @@ pub struct EventLabels {
     /// `decisions`, `workload-started` or `workload-stopped`.
     pub kind: &'static str,
 }
+
+/// Every reason a table is rejected for (the `reason` label).
+pub const TABLE_REJECT_REASONS: [&str; 6] = [
+    "unsigned",
+    "unknown-key",
+    "signature",
+    "decode",
+    "compile",
+    "wrong-node",
+];
 
 const VERDICT_NAMES: [(&str, &str); 8] = [
     ("allow", "accept"),
@@ -112,6 +123,11 @@ pub struct Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         let verdicts = Family::<VerdictLabels, Counter>::default();
+        let table_rejects = Family::<RejectLabels, Counter>::default();
+        for reason in TABLE_REJECT_REASONS {
+            // Every reason shows on /metrics from the start, at 0.
+            let _ = table_rejects.get_or_create(&RejectLabels { reason });
+        }
         let verdict_counters = Arc::new(
             VERDICT_NAMES.map(|(verdict, action)| verdicts.get_or_create(&VerdictLabels { verdict, action }).clone()),
         );
@@ -124,7 +140,7 @@ impl Default for Metrics {
             foreign_packets: Counter::default(),
             events_spooled: Family::default(),
             table_version: Gauge::default(),
-            table_rejects: Family::default(),
+            table_rejects,
             table_persist_failures: Counter::default(),
             identities: Family::default(),
             workload_addresses: Gauge::default(),
@@ -247,10 +263,15 @@ impl Metrics {
 
     /// Rejected tables, all reasons.
     pub fn table_rejects_total(&self) -> u64 {
-        ["decode", "compile", "wrong-node"]
+        TABLE_REJECT_REASONS
             .into_iter()
             .map(|reason| self.table_rejects.get_or_create(&RejectLabels { reason }).get())
             .sum()
+    }
+
+    /// Rejected tables of one reason.
+    pub fn table_rejects(&self, reason: &'static str) -> u64 {
+        self.table_rejects.get_or_create(&RejectLabels { reason }).get()
     }
 
     /// Counts events handed to the spool.

@@ -49,9 +49,11 @@ fn image_identity(i: usize) -> ProtoIdentity {
     }
 }
 
-/// One test's world: NATS, a lab, a state directory and names.
+/// One test's world: NATS, a lab, a state directory, names, and the key
+/// that signs its tables (the agent trusts it through `--table-keys`).
 struct World {
     nats: NatsServer,
+    key: cnnf_signing::SigningKey,
     js: jetstream::Context,
     lab: Lab,
     dir: tempfile::TempDir,
@@ -73,6 +75,7 @@ impl World {
         let k = lab.index();
         let world = World {
             nats,
+            key: cnnf_signing::SigningKey::generate(),
             js,
             dir: tempfile::tempdir().unwrap(),
             node: format!("node-{k}"),
@@ -81,7 +84,12 @@ impl World {
             lab,
         };
         world.write_inventory(local);
+        cnnf_signing::files::write_public_key(&world.keys_path(), world.key.public_key()).unwrap();
         world
+    }
+
+    fn keys_path(&self) -> PathBuf {
+        self.dir.path().join("trusted.pub")
     }
 
     fn inventory_path(&self) -> PathBuf {
@@ -135,6 +143,8 @@ impl World {
             "1",
             "--aggregation-ms",
             "200",
+            "--table-keys",
+            self.keys_path().to_str().unwrap(),
         ]
         .iter()
         .map(|arg| (*arg).to_owned())
@@ -155,7 +165,8 @@ impl World {
         self.container(i).ip()
     }
 
-    /// Publishes `table` (version, mode, models) as this node's table.
+    /// Publishes `table` (version, mode, models) as this node's table,
+    /// signed as the policy service signs it.
     async fn publish_table(&self, table: VerdictTable) {
         let kv = self
             .js
@@ -163,7 +174,9 @@ impl World {
             .await
             .unwrap();
         let key = format!("{CLUSTER}.{}", self.node);
-        kv.put(key, table.encode_to_vec().into()).await.unwrap();
+        kv.put(key, self.key.sign_table_bytes(&table.encode_to_vec()).into())
+            .await
+            .unwrap();
     }
 
     fn table(&self, version: u64, mode: Mode, models: Vec<CompiledModel>) -> VerdictTable {

@@ -33,7 +33,7 @@ use cnnf_agent::engine::{Action, Engine};
 use cnnf_agent::events::{publish_decisions, Events, PublisherSettings};
 use cnnf_agent::identities::{Identities, Peer};
 use cnnf_agent::metrics::Metrics;
-use cnnf_agent::tables::Tables;
+use cnnf_agent::tables::{Tables, Trust};
 use cnnf_core::eval::Identity;
 use cnnf_core::proto::{
     self, network_object::Kind as ObjectKind, CompiledModel, LearnedConnection, NetworkObject, PortRange, Rule,
@@ -313,8 +313,17 @@ impl AgentEngine {
         let metrics = Metrics::default();
         let cluster = Token::new("cluster", "bench")?;
         let node = Token::new("node", "n1")?;
-        let tables = Arc::new(Tables::load(state.path(), &cluster, &node, metrics.clone()));
-        let table = verdict_table(shape, ports).encode_to_vec();
+        // Signed and verified as in production: the table's build time
+        // below includes the signature check.
+        let key = cnnf_signing::SigningKey::generate();
+        let tables = Arc::new(Tables::load(
+            state.path(),
+            &cluster,
+            &node,
+            Trust::keys(vec![key.public_key().clone()]),
+            metrics.clone(),
+        ));
+        let table = key.sign_table_bytes(&verdict_table(shape, ports).encode_to_vec());
         let started = Instant::now();
         tables
             .offer(&table)

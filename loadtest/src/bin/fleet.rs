@@ -16,7 +16,8 @@
 //! dedup applies), heartbeats every `--heartbeat-seconds`, workload
 //! started/stopped events, decision batches once per `--window-ms`, and a
 //! watch on its key of KV `cnnf-verdicts` (`watch_with_history`, like the
-//! agent) whose every value is decoded, checked and compiled with
+//! agent) whose every value is verified (the policy's ed25519 signature,
+//! `cnnf-signing`), decoded, checked and compiled with
 //! `CompiledTable::build`, older versions ignored. (The agent also persists
 //! each table with an fsync; a thousand agents sharing one disk would
 //! measure the disk, so the simulator does not.)
@@ -41,8 +42,9 @@
 //!    (`Apply`); each timed from the call until every agent holds a table
 //!    compiled from that policy revision or later; p50/p99 over the writes.
 //!    Baseline: `--writes` rounds of plain KV puts of the same tables, one
-//!    key per node in a scratch bucket, each timed until every agent's
-//!    watcher of that bucket (same decode, check and compile) holds it.
+//!    key per node in a scratch bucket (signed beforehand by a key of the
+//!    simulator's own), each timed until every agent's watcher of that
+//!    bucket (same verification, decode, check and compile) holds it.
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
@@ -64,6 +66,7 @@ use cnnf_proto::v1::{
     PortRange, Protocol, Rule, RuleDestination, RuleEffect, Verdict, VerdictTable, Workload, WorkloadStarted,
     WorkloadStopped,
 };
+use cnnf_signing::PublicKey;
 use futures::StreamExt;
 use prost::Message as _;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -420,6 +423,7 @@ static TABLES_REJECTED: AtomicU64 = AtomicU64::new(0);
 async fn follow_tables(
     js: jetstream::Context,
     bucket: &'static str,
+    trusted: Arc<[PublicKey]>,
     agent: usize,
     table_version: Arc<AtomicU64>,
     taken: mpsc::UnboundedSender<Taken>,
@@ -438,7 +442,7 @@ async fn follow_tables(
                 if entry.operation != kv::Operation::Put {
                     continue;
                 }
-                match take(&entry.value, &node) {
+                match take(&entry.value, &node, &trusted) {
                     Ok((version, policy_revision)) => {
                         if held.is_some_and(|held| version <= held) {
                             continue;
@@ -476,10 +480,11 @@ async fn follow_tables(
     }
 }
 
-/// Decodes, checks and compiles a table as the agent does: its version and
-/// policy revision.
-fn take(value: &[u8], node: &str) -> anyhow::Result<(u64, u64)> {
-    let table = VerdictTable::decode(value)?;
+/// Verifies, decodes, checks and compiles a table as the agent does: its
+/// version and policy revision.
+fn take(value: &[u8], node: &str, trusted: &[PublicKey]) -> anyhow::Result<(u64, u64)> {
+    let opened = cnnf_signing::open(value, trusted)?;
+    let table = VerdictTable::decode(opened.table.as_slice())?;
     anyhow::ensure!(
         (table.cluster.is_empty() || table.cluster == CLUSTER) && (table.node.is_empty() || table.node == node),
         "the table is for {}/{}",
@@ -568,7 +573,10 @@ async fn describe_missing(js: &jetstream::Context, holdings: &Holdings, revision
         let key = subjects::verdict_key(&cluster, &node);
         let held = holdings.held[agent];
         match bucket.entry(&key).await {
-            Ok(Some(entry)) => match VerdictTable::decode(entry.value.as_ref()) {
+            Ok(Some(entry)) => match cnnf_signing::unverified_table(entry.value.as_ref())
+                .map_err(anyhow::Error::from)
+                .and_then(|table| Ok(VerdictTable::decode(table.as_slice())?))
+            {
                 Ok(table) => eprintln!(
                     "{key}: the bucket holds version {} of policy revision {} (revision {}); the agent holds policy revision {held}",
                     table.version, table.policy_revision, entry.revision
@@ -847,6 +855,16 @@ async fn main() -> anyhow::Result<()> {
         }
     };
     println!("control plane ready in {:.2} s", started.elapsed().as_secs_f64());
+    // The simulated agents trust what a real agent would: the policy's
+    // public key (written beside its signing key at its start), and the
+    // key the baseline signs its tables with.
+    let baseline_key = cnnf_signing::SigningKey::generate();
+    let policy_key =
+        cnnf_signing::files::public_key_path(&data.path().join("policy").join(cnnf_policy::SIGNING_KEY_FILE));
+    let trusted: Arc<[PublicKey]> = cnnf_signing::files::read_public_keys(&policy_key)?
+        .into_iter()
+        .chain([baseline_key.public_key().clone()])
+        .collect();
 
     // The image objects the rules will name.
     let mut revision = 0;
@@ -892,6 +910,7 @@ async fn main() -> anyhow::Result<()> {
         background.spawn(follow_tables(
             agent.js.clone(),
             cnnf_bus::topology::VERDICTS_BUCKET,
+            Arc::clone(&trusted),
             index,
             Arc::clone(&agent.table_version),
             taken_sender.clone(),
@@ -1293,7 +1312,8 @@ async fn main() -> anyhow::Result<()> {
             .get(&key)
             .await?
             .with_context(|| format!("{key} has no table"))?;
-        tables.push((key, VerdictTable::decode(value.as_ref())?));
+        let table = cnnf_signing::unverified_table(value.as_ref())?;
+        tables.push((key, VerdictTable::decode(table.as_slice())?));
     }
     let _ = js.delete_key_value(BASELINE_BUCKET).await;
     let scratch = js
@@ -1312,6 +1332,7 @@ async fn main() -> anyhow::Result<()> {
         baseline_watchers.spawn(follow_tables(
             agent.js.clone(),
             BASELINE_BUCKET,
+            Arc::clone(&trusted),
             agent.index,
             Arc::new(AtomicU64::new(0)),
             baseline_sender.clone(),
@@ -1328,7 +1349,10 @@ async fn main() -> anyhow::Result<()> {
                 let mut table = table.clone();
                 table.version = base_version + round;
                 table.policy_revision = round;
-                (key.clone(), Bytes::from(table.encode_to_vec()))
+                (
+                    key.clone(),
+                    Bytes::from(baseline_key.sign_table_bytes(&table.encode_to_vec())),
+                )
             })
             .collect();
         baseline_holdings.drain();

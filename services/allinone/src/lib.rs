@@ -8,6 +8,11 @@
 //! each socket 0600), and the gateway reaches them there: no service gRPC
 //! port is open on the network, so the gateway's authentication and roles
 //! cannot be bypassed. Only the gateway's operator address (`--listen`) is.
+//!
+//! The policy service keeps its data under `<data dir>/policy`, so its
+//! table-signing key is `<data dir>/policy/table-signing.key` (public key
+//! `table-signing.pub` beside it, for the agents) unless
+//! `--table-signing-key` names one.
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -32,6 +37,11 @@ pub struct Config {
     /// The gateway's settings (the services' addresses are the sockets in the data directory).
     #[command(flatten)]
     pub gateway: cnnf_gateway::Settings,
+    /// The policy service's table-signing key (see `cnnf-policy
+    /// --table-signing-key`); default `<data dir>/policy/table-signing.key`,
+    /// generated at the first start.
+    #[arg(long, env = "CNNF_TABLE_SIGNING_KEY")]
+    pub table_signing_key: Option<PathBuf>,
 }
 
 impl Config {
@@ -75,6 +85,7 @@ pub async fn run(config: Config, health: Health, shutdown: impl Future<Output = 
     let policy = cnnf_policy::Config {
         grpc_addr: listen("policy"),
         grpc_tls: ServerTls::default(),
+        table_signing_key: config.table_signing_key.clone(),
         ..cnnf_policy::Config::new(with_data("policy"))
     };
     let audit = cnnf_audit::Config {

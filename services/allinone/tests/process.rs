@@ -59,6 +59,12 @@ async fn allinone_declares_the_topology_reports_ready_and_stops_on_sigterm() {
         assert!(child.try_wait().unwrap().is_none(), "exited before becoming ready");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // The policy service generated its table-signing key at start, the
+    // public key beside it for the agents.
+    let public = data.path().join("policy/table-signing.pub");
+    let keys = cnnf_signing::files::read_public_keys(&public).unwrap();
+    let secret = cnnf_signing::files::read_signing_key(&data.path().join("policy/table-signing.key")).unwrap();
+    assert_eq!(keys, vec![secret.public_key().clone()]);
     let (status, metrics) = get(&addr, "/metrics").unwrap();
     assert_eq!(status, 200);
     assert!(metrics.contains("# EOF"), "not an OpenMetrics exposition: {metrics}");
@@ -99,4 +105,20 @@ fn bad_configuration_exits_64_and_says_what_is_wrong() {
 
     let output = Command::new(BIN).arg("--help").output().unwrap();
     assert_eq!(output.status.code(), Some(0));
+}
+
+#[test]
+fn a_missing_table_signing_key_is_bad_configuration() {
+    let data = tempfile::tempdir().unwrap();
+    let output = Command::new(BIN)
+        .env("CNNF_DATA_DIR", data.path())
+        .env("CNNF_TABLE_SIGNING_KEY", data.path().join("absent.key"))
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(64), "{output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("--table-signing-key") && stderr.contains("absent.key"),
+        "{stderr}"
+    );
 }

@@ -67,6 +67,8 @@ where
 struct World {
     nats: NatsServer,
     js: jetstream::Context,
+    /// Signs the table as the policy service would; the agent trusts it.
+    key: cnnf_signing::SigningKey,
     lab: Lab,
     dir: tempfile::TempDir,
     node: String,
@@ -86,6 +88,7 @@ impl World {
         let world = World {
             nats,
             js,
+            key: cnnf_signing::SigningKey::generate(),
             dir: tempfile::tempdir().unwrap(),
             node: format!("scan-node-{k}"),
             prefix: format!("AS{k}"),
@@ -109,7 +112,12 @@ impl World {
             .collect();
         let text = serde_json::json!({ "workloads": workloads }).to_string();
         std::fs::write(world.inventory_path(), text).unwrap();
+        cnnf_signing::files::write_public_key(&world.keys_path(), world.key.public_key()).unwrap();
         world
+    }
+
+    fn keys_path(&self) -> PathBuf {
+        self.dir.path().join("trusted.pub")
     }
 
     fn inventory_path(&self) -> PathBuf {
@@ -145,6 +153,8 @@ impl World {
             "1".to_owned(),
             "--aggregation-ms".to_owned(),
             "200".to_owned(),
+            "--table-keys".to_owned(),
+            self.keys_path().display().to_string(),
         ];
         cnnf_agent::Config::try_parse_from(args).unwrap()
     }
@@ -184,9 +194,12 @@ impl World {
             ..Default::default()
         };
         let kv = self.js.get_key_value(VERDICTS_BUCKET).await.unwrap();
-        kv.put(format!("{CLUSTER}.{}", self.node), table.encode_to_vec().into())
-            .await
-            .unwrap();
+        kv.put(
+            format!("{CLUSTER}.{}", self.node),
+            self.key.sign_table_bytes(&table.encode_to_vec()).into(),
+        )
+        .await
+        .unwrap();
     }
 
     async fn serve(&self, i: usize, port: u16) -> TcpServerGuard {

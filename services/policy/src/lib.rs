@@ -29,6 +29,13 @@
 //! | flag | environment | default | |
 //! | --- | --- | --- | --- |
 //! | `--grpc-addr` | `CNNF_GRPC_ADDR` | unix:/run/cnnf/policy.sock | the `Policy` API: `unix:<path>`, or `<ip>:<port>` with mutual TLS (`--grpc-tls-cert`, `--grpc-tls-key`, `--grpc-client-ca`; see `cnnf_service::grpc`) |
+//! | `--table-signing-key` | `CNNF_TABLE_SIGNING_KEY` | `<data dir>/table-signing.key` | ed25519 key signing every verdict table |
+//!
+//! Every table put in the bucket is signed (`cnnf-signing`); agents enforce
+//! only tables signed by a key they trust. Without `--table-signing-key`
+//! the key is `<data dir>/table-signing.key`, generated at the first start
+//! with its public key beside it (`table-signing.pub`: what agents are
+//! given with `--table-keys`); a key named by the flag must exist.
 //!
 //! The store is RocksDB at `<data dir>/policy`. Counters are on `/metrics`
 //! as `cnnf_policy_{policy,models,workloads}_*` and `cnnf_policy_table*`.
@@ -74,6 +81,10 @@ pub const DEFAULT_HTTP_ADDR: &str = "127.0.0.1:9103";
 /// Default address of the `Policy` gRPC API.
 pub const DEFAULT_GRPC_ADDR: &str = "unix:/run/cnnf/policy.sock";
 
+/// File name of the default table-signing key inside the data directory
+/// (its public key is beside it as `table-signing.pub`).
+pub const SIGNING_KEY_FILE: &str = "table-signing.key";
+
 /// Configuration of the policy service.
 #[derive(Debug, Clone, clap::Parser)]
 #[command(
@@ -91,6 +102,12 @@ pub struct Config {
     /// How the gRPC API is protected on TCP (mutual TLS, or `--grpc-insecure`).
     #[command(flatten)]
     pub grpc_tls: ServerTls,
+    /// Secret ed25519 key that signs every verdict table (a
+    /// `cnnf-ed25519-secret` line; `cnnf-table-key generate` makes one).
+    /// Default: `<data dir>/table-signing.key`, generated at the first
+    /// start with its public key beside it (`table-signing.pub`).
+    #[arg(long, env = "CNNF_TABLE_SIGNING_KEY")]
+    pub table_signing_key: Option<PathBuf>,
 }
 
 impl Config {
@@ -100,7 +117,40 @@ impl Config {
             common,
             grpc_addr: DEFAULT_GRPC_ADDR.parse().expect("the default gRPC address parses"),
             grpc_tls: ServerTls::default(),
+            table_signing_key: None,
         }
+    }
+
+    /// The secret key file: `--table-signing-key`, else
+    /// `<data dir>/table-signing.key`.
+    pub fn signing_key_path(&self) -> PathBuf {
+        self.table_signing_key
+            .clone()
+            .unwrap_or_else(|| self.common.data_dir.join(SIGNING_KEY_FILE))
+    }
+
+    /// Checks the signing key without creating anything: a key named by
+    /// the flag must be readable, a default key must be readable when it
+    /// exists (bad values exit with status 64).
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let path = self.signing_key_path();
+        match cnnf_signing::files::read_signing_key(&path) {
+            Ok(_) => Ok(()),
+            Err(error) if error.is_not_found() && self.table_signing_key.is_none() => Ok(()),
+            Err(error) => Err(anyhow::anyhow!("--table-signing-key {error}")),
+        }
+    }
+
+    /// The signing key: read, or generated at the default path when
+    /// absent (true then).
+    pub fn signing_key(&self) -> anyhow::Result<(cnnf_signing::SigningKey, bool)> {
+        let path = self.signing_key_path();
+        let loaded = if self.table_signing_key.is_some() {
+            cnnf_signing::files::read_signing_key(&path).map(|key| (key, false))
+        } else {
+            cnnf_signing::files::load_or_generate(&path)
+        };
+        loaded.map_err(|error| anyhow::anyhow!("--table-signing-key {error}"))
     }
 
     /// Where the RocksDB store lives: `<data dir>/policy`.
@@ -149,6 +199,28 @@ pub async fn run_with_store(
 ) -> anyhow::Result<()> {
     let ready = health.component(NAME);
     let cluster = Token::new("cluster", &config.common.cluster)?;
+    let signing = {
+        let config = config.clone();
+        tokio::task::spawn_blocking(move || config.signing_key()).await??
+    };
+    let (key, generated) = signing;
+    let key_path = config.signing_key_path();
+    let public_path = cnnf_signing::files::public_key_path(&key_path);
+    if generated {
+        tracing::info!(
+            message = "Generated the verdict-table signing key; give its public key to every agent (--table-keys).",
+            key_id = %key.id(),
+            secret = %key_path.display(),
+            public = %public_path.display()
+        );
+    } else {
+        tracing::info!(
+            message = "Signing verdict tables.",
+            key_id = %key.id(),
+            secret = %key_path.display(),
+            public = %public_path.display()
+        );
+    }
     let listener = cnnf_service::grpc::Listener::bind(&config.grpc_addr, &config.grpc_tls).await?;
     let js = cnnf_service::connect_and_ensure(NAME, &config.common).await?;
     let metrics: [cnnf_bus::runner::RunnerMetrics; 3] = Default::default();
@@ -170,6 +242,7 @@ pub async fn run_with_store(
         dirty: Arc::default(),
         metrics,
         writer,
+        signing_key: Arc::new(key),
         policy_after_commit: options.policy_after_commit,
     });
     let api = api::PolicyApi::new(Arc::clone(&store), js, cluster);
@@ -217,6 +290,7 @@ mod tests {
         let parsed = Config::try_parse_from(["cnnf-policy"]).unwrap();
         let built = Config::new(parsed.common.clone());
         assert_eq!(parsed.grpc_addr, built.grpc_addr);
+        assert_eq!(parsed.table_signing_key, built.table_signing_key);
         assert_eq!(parsed.grpc_addr.to_string(), DEFAULT_GRPC_ADDR);
         assert!(!parsed.grpc_tls.grpc_insecure);
     }
@@ -227,5 +301,33 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(error.contains("--grpc-addr"), "{error}");
+    }
+
+    #[test]
+    fn the_default_key_is_generated_once_and_a_named_key_must_exist() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().to_str().unwrap();
+        let config = Config::try_parse_from(["cnnf-policy", "--data-dir", data]).unwrap();
+        config.validate().unwrap();
+        let (key, generated) = config.signing_key().unwrap();
+        assert!(generated);
+        let public = cnnf_signing::files::read_public_keys(&dir.path().join("table-signing.pub")).unwrap();
+        assert_eq!(public, vec![key.public_key().clone()]);
+        let (again, generated) = config.signing_key().unwrap();
+        assert!(!generated);
+        assert_eq!(again.id(), key.id());
+
+        let missing = dir.path().join("other.key");
+        let named = Config::try_parse_from(["cnnf-policy", "--table-signing-key", missing.to_str().unwrap()]).unwrap();
+        let error = named.validate().unwrap_err().to_string();
+        assert!(
+            error.contains("--table-signing-key") && error.contains("other.key"),
+            "{error}"
+        );
+        assert!(named.signing_key().is_err());
+        assert!(!missing.exists(), "a named key is never generated");
+
+        std::fs::write(dir.path().join("table-signing.key"), "garbage\n").unwrap();
+        assert!(config.validate().unwrap_err().to_string().contains("line 1"));
     }
 }

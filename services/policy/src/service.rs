@@ -49,6 +49,8 @@ pub struct Shared {
     pub metrics: [RunnerMetrics; 3],
     /// Counters of the verdict writer.
     pub writer: WriterMetrics,
+    /// The key every published table is signed with.
+    pub signing_key: Arc<cnnf_signing::SigningKey>,
     /// Called after each commit of the policy runner, before the ack (a
     /// test failpoint).
     pub policy_after_commit: Option<CommitHook>,
@@ -189,6 +191,7 @@ pub async fn verdict_writer(shared: Arc<Shared>, stop: watch::Receiver<bool>) ->
                 Arc::clone(&shared.dirty),
                 shared.cluster.clone(),
                 shared.writer.clone(),
+                Arc::clone(&shared.signing_key),
             );
             writer.start().await?;
             loop {

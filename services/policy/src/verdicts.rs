@@ -15,6 +15,11 @@
 //! - Every table is checked with `CompiledTable::build` (what an agent
 //!   does) before it is put; an invalid one is counted and not published,
 //!   so agents keep their previous table.
+//! - Every value put is a `SignedVerdictTable`: the encoded table signed
+//!   with the service's key (`cnnf-signing`). At reconciliation a value
+//!   that does not verify with this key (unsigned, signed by the previous
+//!   key after a rotation, or tampered with) counts as absent, so every
+//!   table is put again, signed by the current key.
 
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeSet, HashMap};
@@ -109,6 +114,8 @@ pub struct VerdictWriter {
     metrics: WriterMetrics,
     /// Content hash of what the bucket holds per node, as this writer knows it.
     shown: HashMap<String, u64>,
+    /// Signs every table put.
+    key: Arc<cnnf_signing::SigningKey>,
 }
 
 impl VerdictWriter {
@@ -120,6 +127,7 @@ impl VerdictWriter {
         dirty: Arc<Dirty>,
         cluster: Token,
         metrics: WriterMetrics,
+        key: Arc<cnnf_signing::SigningKey>,
     ) -> Self {
         Self {
             js,
@@ -129,6 +137,7 @@ impl VerdictWriter {
             cluster,
             metrics,
             shown: HashMap::new(),
+            key,
         }
     }
 
@@ -208,6 +217,8 @@ impl VerdictWriter {
             .collect();
         let prefix = format!("{}.", self.cluster);
         let mut existing = HashMap::new();
+        let mut resigned = 0usize;
+        let trusted = [self.key.public_key().clone()];
         let mut keys = self.bucket.keys().await.context("listing the verdict bucket")?;
         while let Some(key) = futures::StreamExt::next(&mut keys).await {
             let key = key.context("listing the verdict bucket")?;
@@ -215,8 +226,20 @@ impl VerdictWriter {
                 continue;
             };
             if let Some(value) = self.bucket.get(&key).await.context("reading the verdict bucket")? {
-                if let Ok(table) = VerdictTable::decode(value.as_ref()) {
-                    existing.insert(node.to_owned(), content_hash(&table));
+                match cnnf_signing::open(value.as_ref(), &trusted) {
+                    Ok(opened) => {
+                        if let Ok(table) = VerdictTable::decode(opened.table.as_slice()) {
+                            existing.insert(node.to_owned(), content_hash(&table));
+                        }
+                    }
+                    Err(error) => {
+                        resigned += 1;
+                        tracing::info!(
+                            message = "Verdict table in the bucket not signed by this service's key; publishing it again.",
+                            key = %key,
+                            reason = error.code()
+                        );
+                    }
                 }
             }
             nodes.insert(node.to_owned());
@@ -224,7 +247,12 @@ impl VerdictWriter {
         self.shown = existing;
         let count = nodes.len();
         self.publish(nodes, Some("reconcile")).await?;
-        tracing::info!(message = "Verdict tables reconciled with the policy.", nodes = count);
+        tracing::info!(
+            message = "Verdict tables reconciled with the policy.",
+            nodes = count,
+            not_signed_by_this_key = resigned,
+            key_id = %self.key.id()
+        );
         Ok(())
     }
 
@@ -274,7 +302,7 @@ impl VerdictWriter {
                 continue;
             }
             let key = verdict_key(&self.cluster, &node);
-            let bytes = table.encode_to_vec();
+            let bytes = self.key.sign_table_bytes(&table.encode_to_vec());
             self.bucket
                 .put(&key, bytes.into())
                 .await
@@ -291,6 +319,7 @@ impl VerdictWriter {
                 policy_revision = table.policy_revision,
                 rules = table.rules.len(),
                 models = table.models.len(),
+                key_id = %self.key.id(),
                 cause = cause.unwrap_or("change")
             );
         }

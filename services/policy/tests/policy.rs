@@ -2,7 +2,8 @@
 //! every line of the decision order through compile and evaluate, conflict
 //! warnings, export → import into a fresh system → export byte for byte,
 //! two concurrent writers losing no update, invalid imports changing
-//! nothing, and a restart that reconciles the verdict bucket.
+//! nothing, a restart that reconciles the verdict bucket, and every table
+//! in it signed by the service's key (re-signed after a key change).
 
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
@@ -57,19 +58,50 @@ fn open_store(dir: &Path) -> Arc<dyn ProjectionStore> {
     Arc::new(cnnf_policy::open_store(dir).unwrap())
 }
 
+/// The key test services sign with (fixed, so a restarted service signs
+/// as before).
+fn signing_key() -> cnnf_signing::SigningKey {
+    cnnf_signing::SigningKey::from_seed(&[7; 32])
+}
+
 /// One running policy service.
 struct Service {
     grpc: SocketAddr,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<anyhow::Result<()>>,
+    /// Holds the key file of [`signing_key`].
+    _keys: tempfile::TempDir,
 }
 
 impl Service {
+    /// Starts the service signing with [`signing_key`].
     async fn start(server: &NatsServer, store: Arc<dyn ProjectionStore>) -> Self {
+        Self::start_signing(server, store, &signing_key()).await
+    }
+
+    /// Starts the service signing with `key`.
+    async fn start_signing(
+        server: &NatsServer,
+        store: Arc<dyn ProjectionStore>,
+        key: &cnnf_signing::SigningKey,
+    ) -> Self {
+        let keys = tempfile::tempdir().unwrap();
+        let path = keys.path().join("table-signing.key");
+        cnnf_signing::files::write_signing_key(&path, key).unwrap();
+        Self::start_with(server, store, &["--table-signing-key", path.to_str().unwrap()], keys).await
+    }
+
+    /// Starts the service with `extra` flags.
+    async fn start_with(
+        server: &NatsServer,
+        store: Arc<dyn ProjectionStore>,
+        extra: &[&str],
+        keys: tempfile::TempDir,
+    ) -> Self {
         let grpc = free_addr();
         let url = server.url();
         let grpc_text = grpc.to_string();
-        let config = Config::try_parse_from([
+        let mut args = vec![
             "cnnf-policy",
             "--nats-url",
             &url,
@@ -78,8 +110,9 @@ impl Service {
             "--grpc-addr",
             &grpc_text,
             "--grpc-insecure",
-        ])
-        .unwrap();
+        ];
+        args.extend_from_slice(extra);
+        let config = Config::try_parse_from(args).unwrap();
         cnnf_service::init_logging();
         let health = Health::default();
         let (stop, stopped) = oneshot::channel::<()>();
@@ -96,6 +129,7 @@ impl Service {
             grpc,
             stop: Some(stop),
             task,
+            _keys: keys,
         };
         eventually("the service to be ready", || async {
             assert!(!service.task.is_finished(), "the service ended early");
@@ -372,17 +406,32 @@ async fn bucket(js: &jetstream::Context) -> kv::Store {
     js.get_key_value(cnnf_bus::topology::VERDICTS_BUCKET).await.unwrap()
 }
 
-/// Waits for node `node`'s table to satisfy `check`; returns it built.
+/// Waits for node `node`'s table to satisfy `check` and to verify with the
+/// public key of [`signing_key`]; returns it built.
 async fn table_where(
     bucket: &kv::Store,
     node: &str,
     what: &str,
     check: impl Fn(&VerdictTable) -> bool,
 ) -> CompiledTable {
+    table_signed_where(bucket, node, what, &signing_key().public_key().clone(), check).await
+}
+
+/// [`table_where`], verifying with `trusted`.
+async fn table_signed_where(
+    bucket: &kv::Store,
+    node: &str,
+    what: &str,
+    trusted: &cnnf_signing::PublicKey,
+    check: impl Fn(&VerdictTable) -> bool,
+) -> CompiledTable {
     let key = format!("{CLUSTER}.{node}");
     let table = eventually(what, || async {
         let value = bucket.get(&key).await.unwrap()?;
-        let table = VerdictTable::decode(value.as_ref()).unwrap();
+        // Only a value that verifies counts (an unsigned one put by a test
+        // is waited past).
+        let opened = cnnf_signing::open(value.as_ref(), std::slice::from_ref(trusted)).ok()?;
+        let table = VerdictTable::decode(opened.table.as_slice()).unwrap();
         check(&table).then_some(table)
     })
     .await;
@@ -703,6 +752,75 @@ async fn every_line_of_the_decision_order_through_compile_and_evaluate() {
         kv_before, kv_after,
         "an unchanged table is not republished after a restart"
     );
+    let version = table_where(&bucket, "n1", "n1's table", |_| true).await.version();
+    service.stop().await;
+
+    // A new signing key (a rotation): the restart re-signs every table in
+    // the bucket with it, at the same version.
+    let rotated = cnnf_signing::SigningKey::from_seed(&[8; 32]);
+    let service = Service::start_signing(&server, open_store(dir.path()), &rotated).await;
+    let table = table_signed_where(
+        &bucket,
+        "n1",
+        "n1's table signed by the new key",
+        rotated.public_key(),
+        |_| true,
+    )
+    .await;
+    assert_eq!(table.version(), version, "re-signed, not recompiled");
+    let value = bucket.get(format!("{CLUSTER}.n1")).await.unwrap().unwrap();
+    assert_eq!(
+        cnnf_signing::open(value.as_ref(), &[signing_key().public_key().clone()])
+            .unwrap_err()
+            .code(),
+        "unknown-key",
+        "the old key no longer signs"
+    );
+    service.stop().await;
+}
+
+/// Without `--table-signing-key` the service generates its key in the data
+/// directory at first start, with the public key beside it, and every
+/// table it puts verifies with that public key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_start_generates_the_key_whose_public_half_verifies_every_table() {
+    let server = NatsServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let service = Service::start_with(
+        &server,
+        open_store(dir.path()),
+        &["--data-dir", data.path().to_str().unwrap()],
+        tempfile::tempdir().unwrap(),
+    )
+    .await;
+    let secret = data.path().join(cnnf_policy::SIGNING_KEY_FILE);
+    let public = cnnf_signing::files::read_public_keys(&data.path().join("table-signing.pub")).unwrap();
+    assert_eq!(
+        public,
+        vec![cnnf_signing::files::read_signing_key(&secret)
+            .unwrap()
+            .public_key()
+            .clone()]
+    );
+    let js = jetstream_of(&server).await;
+    start_workload(&js, "n1", "web", WEB, "10.1.0.5").await;
+    let table = table_signed_where(&bucket(&js).await, "n1", "n1's table", &public[0], |_| true).await;
+    assert_eq!(table.table().node, "n1");
+    // An unsigned table written by someone else is not taken for the
+    // policy's: at the next start it is replaced by a signed one.
+    let bucket = bucket(&js).await;
+    let plain = table.table().encode_to_vec();
+    bucket.put(format!("{CLUSTER}.n1"), plain.into()).await.unwrap();
+    service.stop().await;
+    let service = Service::start_with(
+        &server,
+        open_store(dir.path()),
+        &["--data-dir", data.path().to_str().unwrap()],
+        tempfile::tempdir().unwrap(),
+    )
+    .await;
+    table_signed_where(&bucket, "n1", "n1's table signed again", &public[0], |_| true).await;
     service.stop().await;
 }
 
