@@ -271,7 +271,10 @@ mod tests {
         let defaults = Config::try_parse_from(["cnnf-agent"]).unwrap();
         defaults.validate().unwrap();
         assert_eq!(defaults.queue_full, QueueFull::Auto);
-        assert_eq!((defaults.syn_rate_per_source, defaults.syn_burst_per_source), (1000, 2000));
+        assert_eq!(
+            (defaults.syn_rate_per_source, defaults.syn_burst_per_source),
+            (1000, 2000)
+        );
         assert!(!defaults.remove_chains);
         let set = Config::try_parse_from([
             "cnnf-agent",
@@ -289,8 +292,16 @@ mod tests {
         assert!(set.remove_chains);
         assert!(Config::try_parse_from(["cnnf-agent", "--queue-full", "sometimes"]).is_err());
         let bad = Config::try_parse_from(["cnnf-agent", "--syn-burst-per-source", "0"]).unwrap();
-        assert!(bad.validate().unwrap_err().to_string().contains("--syn-burst-per-source"));
+        assert!(bad
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("--syn-burst-per-source"));
         let bad = Config::try_parse_from(["cnnf-agent", "--syn-rate-per-source", "2000000"]).unwrap();
-        assert!(bad.validate().unwrap_err().to_string().contains("--syn-rate-per-source"));
+        assert!(bad
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("--syn-rate-per-source"));
     }
 }

@@ -270,7 +270,13 @@ pub fn now_nanos() -> i64 {
 
 impl crate::dataplane::queue::Decider for Engine {
     fn decide(&self, syn: &crate::dataplane::packet::Syn) -> crate::dataplane::queue::Verdict {
-        match Engine::decide_from(self, syn.source, syn.destination, syn.destination_port, syn.in_interface) {
+        match Engine::decide_from(
+            self,
+            syn.source,
+            syn.destination,
+            syn.destination_port,
+            syn.in_interface,
+        ) {
             Action::Accept => crate::dataplane::queue::Verdict::Accept,
             Action::Drop => crate::dataplane::queue::Verdict::Drop,
         }
@@ -389,7 +395,11 @@ mod tests {
     fn queue_full_auto_accepts_only_under_a_table_that_cannot_drop() {
         for (mode, accepts) in [(Mode::Disabled, true), (Mode::Alert, true), (Mode::Prevent, false)] {
             let (engine, _, _) = engine(mode, false);
-            assert_eq!(engine.with_queue_full(QueueFull::Auto).fail_open_when_full(), accepts, "{mode:?}");
+            assert_eq!(
+                engine.with_queue_full(QueueFull::Auto).fail_open_when_full(),
+                accepts,
+                "{mode:?}"
+            );
         }
         let (engine, _, _) = engine(Mode::Disabled, false);
         let engine = engine.with_queue_full(QueueFull::Drop);
@@ -408,17 +418,29 @@ mod tests {
             rules,
             ..Default::default()
         };
-        assert!(!may_drop(&alert(vec![rule(cnnf_core::proto::RuleEffect::Alert, false)])));
-        assert!(may_drop(&alert(vec![rule(cnnf_core::proto::RuleEffect::Prevent, false)])));
-        assert!(!may_drop(&alert(vec![rule(cnnf_core::proto::RuleEffect::Prevent, true)])));
+        assert!(!may_drop(&alert(vec![rule(
+            cnnf_core::proto::RuleEffect::Alert,
+            false
+        )])));
+        assert!(may_drop(&alert(vec![rule(
+            cnnf_core::proto::RuleEffect::Prevent,
+            false
+        )])));
+        assert!(!may_drop(&alert(vec![rule(
+            cnnf_core::proto::RuleEffect::Prevent,
+            true
+        )])));
         assert!(may_drop(&VerdictTable {
             host_mode: Mode::Prevent as i32,
             ..Default::default()
         }));
-        assert!(!may_drop(&VerdictTable {
-            rules: vec![rule(cnnf_core::proto::RuleEffect::Prevent, false)],
-            ..Default::default()
-        }), "disabled modes drop nothing");
+        assert!(
+            !may_drop(&VerdictTable {
+                rules: vec![rule(cnnf_core::proto::RuleEffect::Prevent, false)],
+                ..Default::default()
+            }),
+            "disabled modes drop nothing"
+        );
     }
 
     fn engine_pair_accept() -> (Engine, std::sync::mpsc::Receiver<DecisionRecord>, Metrics) {

@@ -854,7 +854,10 @@ async fn a_killed_agent_restarts_from_its_persisted_table_without_duplicate_chai
     let mut args = world.args();
     args.remove(0);
     args.push("--remove-chains".into());
-    let removed = Command::new(env!("CARGO_BIN_EXE_cnnf-agent")).args(&args).output().unwrap();
+    let removed = Command::new(env!("CARGO_BIN_EXE_cnnf-agent"))
+        .args(&args)
+        .output()
+        .unwrap();
     assert!(removed.status.success(), "{}", String::from_utf8_lossy(&removed.stderr));
     assert!(world.rules().is_empty(), "{:#?}", world.rules());
     assert_eq!(unknown.accepted(), accepted_before);
@@ -1087,7 +1090,16 @@ async fn a_syn_flood_is_rate_limited_per_source_and_nothing_bypasses_in_prevent(
         flooder
             .exec(
                 "timeout",
-                &["4", "hping3", "-q", "-S", "-p", &SERVER_PORT_KNOWN.to_string(), "--flood", &target],
+                &[
+                    "4",
+                    "hping3",
+                    "-q",
+                    "-S",
+                    "-p",
+                    &SERVER_PORT_KNOWN.to_string(),
+                    "--flood",
+                    &target,
+                ],
             )
             .unwrap()
     });
@@ -1101,7 +1113,10 @@ async fn a_syn_flood_is_rate_limited_per_source_and_nothing_bypasses_in_prevent(
         }
     }
     flood.await.unwrap();
-    assert_eq!(connected, 0, "{connected} of {attempts} connects to a never-allowed port succeeded");
+    assert_eq!(
+        connected, 0,
+        "{connected} of {attempts} connects to a never-allowed port succeeded"
+    );
     assert_eq!(never.accepted(), 0);
 
     wait_metric(&agent.health, "cnnf_agent_syn_rate_limited_total", |v| v > 0.0).await;
@@ -1109,7 +1124,11 @@ async fn a_syn_flood_is_rate_limited_per_source_and_nothing_bypasses_in_prevent(
     // left unanswered-and-accepted.
     let deadline = tokio::time::Instant::now() + PATIENCE;
     while metric(&agent.health, "cnnf_agent_syn_queued_total") < all_verdicts(&agent) as f64 {
-        assert!(tokio::time::Instant::now() < deadline, "{}", agent.health.encode_metrics());
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{}",
+            agent.health.encode_metrics()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let limited = metric(&agent.health, "cnnf_agent_syn_rate_limited_total");
@@ -1140,7 +1159,10 @@ fn connect_loop(
 ) -> std::thread::JoinHandle<()> {
     use std::sync::atomic::Ordering;
     let container = world.container(from).clone();
-    let destinations: Vec<SocketAddrV4> = ports.iter().map(|port| SocketAddrV4::new(world.ip(to), *port)).collect();
+    let destinations: Vec<SocketAddrV4> = ports
+        .iter()
+        .map(|port| SocketAddrV4::new(world.ip(to), *port))
+        .collect();
     std::thread::spawn(move || {
         while !stop.load(Ordering::Relaxed) {
             for destination in &destinations {
@@ -1200,7 +1222,9 @@ async fn a_fail_closed_agent_restarts_without_one_unchecked_connection() {
     let at_start = attempts.load(Ordering::Relaxed);
     wait_attempts(&attempts, at_start + 4).await;
     stop.store(true, Ordering::Relaxed);
-    tokio::task::spawn_blocking(move || connects.join().unwrap()).await.unwrap();
+    tokio::task::spawn_blocking(move || connects.join().unwrap())
+        .await
+        .unwrap();
 
     assert_eq!(never.accepted(), 0, "a never-allowed connection got through");
     assert_eq!(accepted_while_down, 0, "connections accepted while no agent ran");
@@ -1240,7 +1264,10 @@ async fn connect_from(world: &World, from: usize, source: Ipv4Addr, destination:
         .await
         .unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.is_empty() || output.status.code() == Some(1), "python3: {stderr}");
+    assert!(
+        stderr.is_empty() || output.status.code() == Some(1),
+        "python3: {stderr}"
+    );
     output.status.success()
 }
 
@@ -1294,7 +1321,10 @@ async fn an_address_added_inside_a_workload_is_queued_and_dropped_in_prevent() {
     );
     assert_eq!(known.accepted(), 1);
     assert_eq!(outside.accepted(), 1);
-    assert!(agent.verdicts("prevent", "drop") >= prevented + 2, "queued and prevented");
+    assert!(
+        agent.verdicts("prevent", "drop") >= prevented + 2,
+        "queued and prevented"
+    );
     assert!(metric(&agent.health, "cnnf_agent_unowned_sources_total") >= 2.0);
     world
         .wait_decisions("a prevent decision from the unknown address", |d| {
@@ -1302,7 +1332,9 @@ async fn an_address_added_inside_a_workload_is_queued_and_dropped_in_prevent() {
                 verdict_of(d) == Verdict::Prevent
                     && d.source.as_ref().is_some_and(|s| {
                         s.address == extra.to_string()
-                            && s.identity.as_ref().is_some_and(|i| i.kind == IdentityKind::Unknown as i32)
+                            && s.identity
+                                .as_ref()
+                                .is_some_and(|i| i.kind == IdentityKind::Unknown as i32)
                     })
             })
         })

@@ -214,7 +214,9 @@ impl ChainConfig {
             )));
         }
         if self.syn_rate_per_source > 0 && self.syn_burst_per_source == 0 {
-            return Err(ChainError::Config("a SYN rate limit needs a burst of at least 1".into()));
+            return Err(ChainError::Config(
+                "a SYN rate limit needs a burst of at least 1".into(),
+            ));
         }
         if self.queues.is_empty() {
             return Err(ChainError::Config(format!("empty queue range {:?}", self.queues)));
@@ -270,9 +272,9 @@ fn hashlimit_name(prefix: &str) -> String {
         return plain;
     }
     // FNV-1a: stable across builds and platforms.
-    let hash = prefix
-        .bytes()
-        .fold(0x811c_9dc5_u32, |hash, byte| (hash ^ u32::from(byte)).wrapping_mul(0x0100_0193));
+    let hash = prefix.bytes().fold(0x811c_9dc5_u32, |hash, byte| {
+        (hash ^ u32::from(byte)).wrapping_mul(0x0100_0193)
+    });
     let head: String = prefix.chars().take(MAX_HASHLIMIT_NAME - 9).collect();
     format!("{head}-{hash:08x}")
 }
@@ -430,7 +432,11 @@ pub fn counters_of(prefix: &str) -> Result<ChainCounters, ChainError> {
     let chain = syn_chain_name(prefix);
     let mut total = ChainCounters::default();
     for family in Family::ALL {
-        let listed = match run(family.list_command(), &["-t", "filter", "-L", &chain, "-n", "-v", "-x"], None) {
+        let listed = match run(
+            family.list_command(),
+            &["-t", "filter", "-L", &chain, "-n", "-v", "-x"],
+            None,
+        ) {
             Ok(listed) => listed,
             Err(ChainError::Command { stderr, .. }) if stderr.contains("No chain") => continue,
             Err(error) => return Err(error),

@@ -387,8 +387,14 @@ mod tests {
         fail_open_flags(&mut set, true);
         assert_eq!(
             set,
-            [&8u16.to_ne_bytes()[..], &NFQA_CFG_FLAGS.to_ne_bytes(), &1u32.to_be_bytes(),
-             &8u16.to_ne_bytes(), &NFQA_CFG_MASK.to_ne_bytes(), &1u32.to_be_bytes()]
+            [
+                &8u16.to_ne_bytes()[..],
+                &NFQA_CFG_FLAGS.to_ne_bytes(),
+                &1u32.to_be_bytes(),
+                &8u16.to_ne_bytes(),
+                &NFQA_CFG_MASK.to_ne_bytes(),
+                &1u32.to_be_bytes()
+            ]
             .concat()
         );
         let mut clear = Vec::new();

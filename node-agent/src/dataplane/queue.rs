@@ -449,7 +449,11 @@ fn verdict_loop(
                     Ok(()) => {
                         fail_open = wanted;
                         counters.fail_open_when_full.store(wanted, Ordering::Relaxed);
-                        tracing::info!(message = "NFQUEUE fail-open when full changed.", queue, fail_open_when_full = wanted);
+                        tracing::info!(
+                            message = "NFQUEUE fail-open when full changed.",
+                            queue,
+                            fail_open_when_full = wanted
+                        );
                     }
                     Err(error) => {
                         counters.receive_errors.fetch_add(1, Ordering::Relaxed);
