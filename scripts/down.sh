@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Stops what scripts/up.sh started and removes what it made: the demo's
-# namespaces, interfaces and processes (cnnf-demo down), the agent (whose
-# clean exit removes its iptables chains), the services and nats-server.
+# namespaces, interfaces and processes (cnnf-demo down), the agent (a
+# stopped agent keeps its iptables chains so a restart leaves no gap; they
+# are removed here with `cnnf-agent --remove-chains`), the services and
+# nats-server.
 # Checks that nothing is left and says so. Keeps .cnnf (delete it to start
 # over with empty stores).
 . "$(dirname "${BASH_SOURCE[0]}")/common.sh"
@@ -31,6 +33,9 @@ stop() {
   rm -f "$PIDS/$name"
 }
 stop agent
+if [ -x "$BIN/cnnf-agent" ]; then
+  "$BIN/cnnf-agent" --remove-chains >/dev/null
+fi
 stop allinone
 stop nats
 

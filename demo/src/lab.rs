@@ -65,7 +65,8 @@ impl Lab {
         format!("{}br", self.prefix)
     }
 
-    fn host_veth(&self, index: usize) -> String {
+    /// The host-side veth of service `index` (the inventory's `interface`).
+    pub fn host_veth(&self, index: usize) -> String {
         format!("{}h{}", self.prefix, index)
     }
 

@@ -139,6 +139,7 @@ pub fn write_inventory(settings: &Settings) -> anyhow::Result<()> {
                 "addresses": [settings.lab.address_of(index).to_string()],
                 "labels": {"app": "storefront", "service": service.name},
                 "namespace": "storefront",
+                "interface": settings.lab.host_veth(index),
             })
         })
         .collect();

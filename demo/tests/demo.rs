@@ -123,6 +123,7 @@ async fn the_demo_blocks_audits_and_reports_the_attacker_and_the_stop_command_le
         ),
     ])
     .unwrap();
+    let agent_removal = agent_config.clone();
     let (stop_agent, agent_stopped) = tokio::sync::oneshot::channel::<()>();
     let agent_health = Health::default();
     let agent = tokio::spawn(cnnf_agent::run(agent_config, agent_health.clone(), async move {
@@ -173,6 +174,11 @@ async fn the_demo_blocks_audits_and_reports_the_attacker_and_the_stop_command_le
     let down = Command::new(BIN).arg("down").args(&lab_args).output().unwrap();
     let _ = stop_agent.send(());
     agent.await.unwrap().unwrap();
+    // A stopped agent keeps its chains (the node stays enforced across a
+    // restart); taking the demo down removes them explicitly, as
+    // scripts/down.sh does with `cnnf-agent --remove-chains`.
+    let kept = chains_left();
+    let removed = cnnf_agent::uninstall(&agent_removal);
     let _ = stop_services.send(());
     services.await.unwrap().unwrap();
 
@@ -206,7 +212,9 @@ async fn the_demo_blocks_audits_and_reports_the_attacker_and_the_stop_command_le
     assert!(!pids.is_empty());
     let running: Vec<u32> = pids.into_iter().filter(|pid| alive(*pid)).collect();
     assert!(running.is_empty(), "demo processes still running: {running:?}");
-    assert_eq!(chains_left(), Vec::<String>::new(), "the agent's chains outlived it");
+    assert!(!kept.is_empty(), "a stopped agent keeps its chains");
+    removed.unwrap();
+    assert_eq!(chains_left(), Vec::<String>::new(), "--remove-chains left a chain");
     assert_eq!(
         std::fs::read_to_string(&inventory).unwrap().trim(),
         r#"{"workloads": []}"#

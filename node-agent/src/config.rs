@@ -12,7 +12,8 @@ use crate::dataplane::chains::Hook;
 use crate::tables::Trust;
 
 /// What happens to new connections of the node's workloads while no agent
-/// reads the queues (stopped, crashed, restarting).
+/// reads the queues (stopped, crashed, restarting). A full queue is
+/// [`QueueFull`]'s business.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum FailMode {
     /// The kernel lets SYNs through (`--queue-bypass`): workloads keep
@@ -23,6 +24,21 @@ pub enum FailMode {
     /// and no new connection succeeds while the agent is away. Also drops
     /// queued packets the agent cannot decode.
     Closed,
+}
+
+/// What the kernel does with a SYN when the agent's queue is full (the
+/// agent is running but behind, e.g. under a SYN flood).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum QueueFull {
+    /// Drop it: nothing passes unchecked, new connections may time out.
+    Drop,
+    /// Accept it unchecked (the kernel's fail-open flag); counted in
+    /// `cnnf_agent_syn_bypassed_total`.
+    Accept,
+    /// Accept while the table in force cannot drop anything (every mode
+    /// disabled, or alert without prevent rules), drop as soon as it can:
+    /// re-applied on every table change.
+    Auto,
 }
 
 /// A netfilter hook, as the `--hooks` flag names it.
@@ -84,6 +100,25 @@ pub struct Config {
     /// What the kernel does with SYNs while no agent reads the queues.
     #[arg(long, env = "CNNF_FAIL_MODE", value_enum, default_value_t = FailMode::Open)]
     pub fail_mode: FailMode,
+    /// What the kernel does with a SYN while the agent's queue is full.
+    #[arg(long, env = "CNNF_QUEUE_FULL", value_enum, default_value_t = QueueFull::Auto)]
+    pub queue_full: QueueFull,
+    /// New-connection SYNs per second one source address may send to the
+    /// queues (iptables `hashlimit`, before the queue); the excess is
+    /// dropped and counted in `cnnf_agent_syn_rate_limited_total`. 0: no
+    /// limit.
+    #[arg(long, env = "CNNF_SYN_RATE_PER_SOURCE", default_value_t = 1000)]
+    pub syn_rate_per_source: u32,
+    /// SYNs a source may send at once beyond its rate before the limit
+    /// applies.
+    #[arg(long, env = "CNNF_SYN_BURST_PER_SOURCE", default_value_t = 2000)]
+    pub syn_burst_per_source: u32,
+    /// Remove the agent's iptables chains (of `--chain-prefix`, IPv4 and
+    /// IPv6) and exit, instead of running. A stopping agent leaves its
+    /// chains in place so the node stays enforced across restarts; this is
+    /// how a node is uninstalled.
+    #[arg(long)]
+    pub remove_chains: bool,
     /// Identical decisions within this many milliseconds become one event
     /// with a count.
     #[arg(long, env = "CNNF_AGGREGATION_MS", default_value_t = 1000)]
@@ -157,6 +192,17 @@ impl Config {
                     .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-'),
             "--chain-prefix must be 1 to 16 ASCII letters, digits, '-' or '_', got {:?}",
             self.chain_prefix
+        );
+        anyhow::ensure!(
+            self.syn_rate_per_source <= crate::dataplane::chains::MAX_SYN_RATE,
+            "--syn-rate-per-source must be at most {} (0: no limit), got {}",
+            crate::dataplane::chains::MAX_SYN_RATE,
+            self.syn_rate_per_source
+        );
+        anyhow::ensure!(
+            self.syn_rate_per_source == 0 || (1..=1_000_000).contains(&self.syn_burst_per_source),
+            "--syn-burst-per-source must be between 1 and 1000000 with a rate limit, got {}",
+            self.syn_burst_per_source
         );
         let count = u32::from(self.queues().1);
         anyhow::ensure!(
@@ -259,6 +305,42 @@ mod tests {
         assert!(bad.validate().unwrap_err().to_string().contains("--queue-first"));
         let bad = Config::try_parse_from(["cnnf-agent", "--node", "a.b"]).unwrap();
         assert!(bad.validate().is_err());
+
+        let defaults = Config::try_parse_from(["cnnf-agent"]).unwrap();
+        defaults.validate().unwrap();
+        assert_eq!(defaults.queue_full, QueueFull::Auto);
+        assert_eq!(
+            (defaults.syn_rate_per_source, defaults.syn_burst_per_source),
+            (1000, 2000)
+        );
+        assert!(!defaults.remove_chains);
+        let set = Config::try_parse_from([
+            "cnnf-agent",
+            "--queue-full",
+            "drop",
+            "--syn-rate-per-source",
+            "0",
+            "--syn-burst-per-source",
+            "0",
+            "--remove-chains",
+        ])
+        .unwrap();
+        set.validate().unwrap();
+        assert_eq!(set.queue_full, QueueFull::Drop);
+        assert!(set.remove_chains);
+        assert!(Config::try_parse_from(["cnnf-agent", "--queue-full", "sometimes"]).is_err());
+        let bad = Config::try_parse_from(["cnnf-agent", "--syn-burst-per-source", "0"]).unwrap();
+        assert!(bad
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("--syn-burst-per-source"));
+        let bad = Config::try_parse_from(["cnnf-agent", "--syn-rate-per-source", "2000000"]).unwrap();
+        assert!(bad
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("--syn-rate-per-source"));
     }
 
     #[test]

@@ -11,16 +11,30 @@
 //! A SYN with neither end local (rules not yet reconciled after a workload
 //! stopped) is accepted undecided and counted: this node has no side of it
 //! to check.
+//!
+//! A SYN that came in on a workload's host-side interface from a source
+//! address that workload does not hold ([`WorkloadInterfaces`]) is an
+//! unknown source inside a workload: no model or rule speaks for it, so the
+//! mode decides (disabled: observe, alert: alert, prevent: prevent, that is
+//! drop), whatever the destination, and the decision is recorded with an
+//! unknown source.
+//!
+//! The engine also says whether a full queue should accept
+//! ([`Engine::fail_open_when_full`], the `--queue-full` setting): with
+//! `auto`, only while the table in force cannot drop anything.
 
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use cnnf_core::eval::{Connection, Scope};
-use cnnf_core::proto::Protocol;
+use cnnf_core::eval::{Connection, DecidedBy, Identity, Scope};
+use cnnf_core::proto::{self, Protocol, VerdictTable};
 
+use crate::config::QueueFull;
 use crate::decisions::{DecisionRecord, Ring};
-use crate::identities::Identities;
+use crate::identities::{Identities, Peer};
+use crate::interfaces::WorkloadInterfaces;
 use crate::metrics::Metrics;
 use crate::tables::Tables;
 
@@ -32,6 +46,11 @@ pub struct Engine {
     ring: Ring,
     metrics: Metrics,
     drop_undecodable: bool,
+    interfaces: Arc<WorkloadInterfaces>,
+    unknown: Arc<Peer>,
+    queue_full: QueueFull,
+    /// `(version + 1) << 1 | may_drop` of the last table looked at; 0: none.
+    may_drop_cache: Arc<AtomicU64>,
 }
 
 /// The kernel's answer for one packet.
@@ -60,6 +79,99 @@ impl Engine {
             ring,
             metrics,
             drop_undecodable,
+            interfaces: Arc::new(WorkloadInterfaces::new()),
+            unknown: Arc::new(Peer::bare(Identity::Unknown)),
+            queue_full: QueueFull::Drop,
+            may_drop_cache: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// The same engine with the `--queue-full` setting (default: drop).
+    pub fn with_queue_full(mut self, queue_full: QueueFull) -> Self {
+        self.queue_full = queue_full;
+        self
+    }
+
+    /// The workload interfaces the engine checks source addresses against;
+    /// the workloads task fills them.
+    pub fn interfaces(&self) -> &Arc<WorkloadInterfaces> {
+        &self.interfaces
+    }
+
+    /// Whether a full queue should accept (the kernel's fail-open flag):
+    /// `drop` never, `accept` always, `auto` while the table in force
+    /// cannot drop ([`may_drop`]). One atomic pointer load and one atomic
+    /// load while the table stays the same.
+    pub fn fail_open_when_full(&self) -> bool {
+        match self.queue_full {
+            QueueFull::Drop => false,
+            QueueFull::Accept => true,
+            QueueFull::Auto => {
+                let table = self.tables.current();
+                let key = table.version().wrapping_add(1) << 1;
+                let cached = self.may_drop_cache.load(Ordering::Relaxed);
+                let drops = if cached & !1 == key {
+                    cached & 1 == 1
+                } else {
+                    let drops = may_drop(table.compiled.table());
+                    self.may_drop_cache.store(key | u64::from(drops), Ordering::Relaxed);
+                    drops
+                };
+                !drops
+            }
+        }
+    }
+
+    /// Decides a TCP SYN that came in on interface `in_interface` (0:
+    /// unknown). A source the workload behind that interface does not hold
+    /// is decided as an unknown source by the mode; everything else as
+    /// [`Engine::decide`].
+    pub fn decide_from(&self, source: IpAddr, destination: IpAddr, port: u16, in_interface: u32) -> Action {
+        if in_interface != 0 && self.interfaces.owns(in_interface, source) == Some(false) {
+            return self.decide_unowned_source(source, destination, port);
+        }
+        self.decide(source, destination, port)
+    }
+
+    /// A SYN from inside a workload with an address it does not hold.
+    fn decide_unowned_source(&self, source: IpAddr, destination: IpAddr, port: u16) -> Action {
+        let table = self.tables.current();
+        let dst = self.identities.resolve(destination, &table);
+        let scope = if dst.local { Scope::Both } else { Scope::Egress };
+        let connection = Connection {
+            source: &self.unknown.identity,
+            source_address: source,
+            destination: &dst.peer.identity,
+            destination_address: destination,
+            port,
+            protocol: Protocol::Tcp,
+            scope,
+        };
+        let mode = table.compiled.mode_for(&connection);
+        let verdict = match mode {
+            proto::Mode::Prevent => proto::Verdict::Prevent,
+            proto::Mode::Alert => proto::Verdict::Alert,
+            _ => proto::Verdict::Observe,
+        };
+        self.metrics.unowned_sources.inc();
+        self.metrics.verdict(verdict);
+        self.ring.push(DecisionRecord {
+            source: Arc::clone(&self.unknown),
+            source_address: source,
+            destination: dst.peer,
+            destination_address: destination,
+            port,
+            direction: scope.direction(),
+            verdict,
+            decided_by: DecidedBy::Mode.into(),
+            mode,
+            table_version: table.version(),
+            at_unix_nanos: now_nanos(),
+        });
+        if verdict == proto::Verdict::Prevent {
+            Action::Drop
+        } else {
+            Action::Accept
         }
     }
 
@@ -127,6 +239,27 @@ impl Engine {
     }
 }
 
+/// Whether `table` can drop a connection: a mode (container or host) is
+/// prevent, or a mode is alert and an enabled rule (or one of its
+/// destinations) has the prevent effect. A table in which every mode is
+/// disabled drops nothing.
+pub fn may_drop(table: &VerdictTable) -> bool {
+    let mode = |value: i32| proto::Mode::try_from(value).unwrap_or(proto::Mode::Unspecified);
+    let modes = [mode(table.mode), mode(table.host_mode)];
+    if modes.contains(&proto::Mode::Prevent) {
+        return true;
+    }
+    if !modes.contains(&proto::Mode::Alert) {
+        return false;
+    }
+    let prevent = proto::RuleEffect::Prevent as i32;
+    table
+        .rules
+        .iter()
+        .filter(|rule| !rule.disabled)
+        .any(|rule| rule.effect == prevent || rule.destinations.iter().any(|d| d.effect == prevent))
+}
+
 /// Now, Unix nanoseconds.
 pub fn now_nanos() -> i64 {
     SystemTime::now()
@@ -137,10 +270,20 @@ pub fn now_nanos() -> i64 {
 
 impl crate::dataplane::queue::Decider for Engine {
     fn decide(&self, syn: &crate::dataplane::packet::Syn) -> crate::dataplane::queue::Verdict {
-        match Engine::decide(self, syn.source, syn.destination, syn.destination_port) {
+        match Engine::decide_from(
+            self,
+            syn.source,
+            syn.destination,
+            syn.destination_port,
+            syn.in_interface,
+        ) {
             Action::Accept => crate::dataplane::queue::Verdict::Accept,
             Action::Drop => crate::dataplane::queue::Verdict::Drop,
         }
+    }
+
+    fn fail_open_when_full(&self) -> Option<bool> {
+        Some(Engine::fail_open_when_full(self))
     }
 
     fn undecodable(&self, error: &crate::dataplane::packet::PacketError) -> crate::dataplane::queue::Verdict {
@@ -214,6 +357,101 @@ mod tests {
         assert!(decisions
             .iter()
             .all(|d| d.verdict == Verdict::Learn as i32 && d.verdict_table_version == 2));
+    }
+
+    #[test]
+    fn an_unknown_source_on_a_workload_interface_is_decided_by_the_mode() {
+        let lo = nix::net::if_::if_nametoindex("lo").unwrap();
+        let own: IpAddr = "10.0.0.1".parse().unwrap();
+        let spoofed: IpAddr = "10.0.0.200".parse().unwrap();
+        let remote: IpAddr = "10.9.9.9".parse().unwrap();
+        for (mode, action, verdict) in [
+            (Mode::Prevent, Action::Drop, Verdict::Prevent),
+            (Mode::Alert, Action::Accept, Verdict::Alert),
+            (Mode::Disabled, Action::Accept, Verdict::Observe),
+        ] {
+            let (engine, receiver, metrics) = engine(mode, false);
+            engine
+                .interfaces()
+                .set(std::collections::BTreeMap::from([("lo".to_owned(), [own].into())]));
+            // Neither end is a known workload address: without the interface
+            // this would pass undecided.
+            assert_eq!(engine.decide_from(spoofed, remote, 443, lo), action, "{mode:?}");
+            assert_eq!(metrics.unowned_sources.get(), 1);
+            assert_eq!(metrics.foreign_packets.get(), 0);
+            let mut aggregator = Aggregator::new(16);
+            assert_eq!(drain(&receiver, &mut aggregator, 16), 1);
+            let (decisions, _) = aggregator.take();
+            assert_eq!(decisions[0].verdict, verdict as i32);
+            assert_eq!(
+                decisions[0].source.as_ref().unwrap().identity.as_ref().unwrap().kind,
+                cnnf_core::proto::IdentityKind::Unknown as i32
+            );
+        }
+        // The workload's own address on its own interface decides as usual.
+        let (engine, _, metrics) = engine(Mode::Prevent, false);
+        engine
+            .interfaces()
+            .set(std::collections::BTreeMap::from([("lo".to_owned(), [own].into())]));
+        engine.decide_from(own, remote, 443, lo);
+        assert_eq!(metrics.unowned_sources.get(), 0);
+    }
+
+    #[test]
+    fn queue_full_auto_accepts_only_under_a_table_that_cannot_drop() {
+        for (mode, accepts) in [(Mode::Disabled, true), (Mode::Alert, true), (Mode::Prevent, false)] {
+            let (engine, _, _) = engine(mode, false);
+            assert_eq!(
+                engine.with_queue_full(QueueFull::Auto).fail_open_when_full(),
+                accepts,
+                "{mode:?}"
+            );
+        }
+        let (engine, _, _) = engine(Mode::Disabled, false);
+        let engine = engine.with_queue_full(QueueFull::Drop);
+        assert!(!engine.fail_open_when_full());
+        let (engine, _, _) = engine_pair_accept();
+        assert!(engine.fail_open_when_full());
+
+        let rule = |effect: cnnf_core::proto::RuleEffect, disabled: bool| cnnf_core::proto::Rule {
+            id: "r".into(),
+            effect: effect as i32,
+            disabled,
+            ..Default::default()
+        };
+        let alert = |rules| VerdictTable {
+            mode: Mode::Alert as i32,
+            rules,
+            ..Default::default()
+        };
+        assert!(!may_drop(&alert(vec![rule(
+            cnnf_core::proto::RuleEffect::Alert,
+            false
+        )])));
+        assert!(may_drop(&alert(vec![rule(
+            cnnf_core::proto::RuleEffect::Prevent,
+            false
+        )])));
+        assert!(!may_drop(&alert(vec![rule(
+            cnnf_core::proto::RuleEffect::Prevent,
+            true
+        )])));
+        assert!(may_drop(&VerdictTable {
+            host_mode: Mode::Prevent as i32,
+            ..Default::default()
+        }));
+        assert!(
+            !may_drop(&VerdictTable {
+                rules: vec![rule(cnnf_core::proto::RuleEffect::Prevent, false)],
+                ..Default::default()
+            }),
+            "disabled modes drop nothing"
+        );
+    }
+
+    fn engine_pair_accept() -> (Engine, std::sync::mpsc::Receiver<DecisionRecord>, Metrics) {
+        let (engine, receiver, metrics) = engine(Mode::Prevent, false);
+        (engine.with_queue_full(QueueFull::Accept), receiver, metrics)
     }
 
     #[test]

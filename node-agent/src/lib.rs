@@ -28,11 +28,16 @@
 //! - [`metrics`]: Prometheus metrics on `/metrics`.
 //!
 //! Start-up order is chosen so enforcement never waits on NATS: the table
-//! persisted last is loaded, the chains installed and the queues bound
-//! before the first network call; NATS is connected in the background.
-//! Shutdown reverses it: chains removed first (no SYN is queued to a
-//! queue nobody reads), then the queues stopped, then the last decisions
-//! aggregated and spooled, and the sender given a few seconds to drain.
+//! persisted last is loaded, the queues bound and the chains installed (or
+//! adopted) before the first network call; NATS is connected in the
+//! background. Shutdown stops the queues and leaves the chains in place,
+//! so the node stays enforced through a restart or an upgrade: with
+//! `--fail-mode closed` the kernel drops the SYNs nobody reads, with
+//! `open` it lets them pass (both counted at the next start from the
+//! chains' counters, which the stopping agent writes to its state
+//! directory). Then the last decisions are aggregated and spooled, and the
+//! sender is given a few seconds to drain. Only `--remove-chains`
+//! ([`uninstall`]) takes the chains out.
 //!
 //! Must never depend on RocksDB or any service crate: the agent persists
 //! its verdict table and event spool with plain files.
@@ -45,6 +50,7 @@ pub mod decisions;
 pub mod engine;
 pub mod events;
 pub mod identities;
+pub mod interfaces;
 pub mod metrics;
 pub mod tables;
 pub mod workloads;
@@ -63,14 +69,15 @@ use cnnf_proto::v1::{envelope::Payload, NodeHeartbeat};
 use cnnf_service::Health;
 use tokio::sync::watch;
 
-pub use config::{Config, FailMode};
+pub use config::{Config, FailMode, QueueFull};
 
-use crate::dataplane::chains::{ChainConfig, Chains};
+use crate::dataplane::chains::{self, ChainConfig, Chains};
 use crate::dataplane::queue::{QueueConfig, QueueOptions, QueueSet};
 use crate::decisions::Ring;
 use crate::engine::Engine;
 use crate::events::{Events, PublisherSettings};
 use crate::identities::Identities;
+use crate::interfaces::WorkloadInterfaces;
 use crate::metrics::{Metrics, QueueLabels};
 use crate::tables::Tables;
 
@@ -89,16 +96,75 @@ const DRAIN_GRACE: Duration = Duration::from_secs(5);
 /// How often kernel queue counters and the spool depth are sampled.
 const STATS_INTERVAL: Duration = Duration::from_secs(1);
 
-/// The running data plane: chains and queues, stopped in that order.
+/// File in the state directory where a stopping agent leaves what its
+/// chains had counted, so the next start can tell how many SYNs matched
+/// while no agent read the queues.
+pub const STOPPED_COUNTERS_FILE: &str = "stopped-chain-counters";
+
+/// Removes the agent's chains (`--chain-prefix`, IPv4 and IPv6), as
+/// `--remove-chains` does: the one way to take enforcement off a node.
+pub fn uninstall(config: &Config) -> anyhow::Result<()> {
+    chains::remove_prefix(&config.chain_prefix)
+        .with_context(|| format!("removing the iptables chains of prefix {}", config.chain_prefix))?;
+    tracing::info!(message = "Chains removed.", prefix = %config.chain_prefix);
+    Ok(())
+}
+
+/// What the chains had counted when an agent stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct StoppedCounters {
+    queued: u64,
+    fail_open: bool,
+}
+
+impl StoppedCounters {
+    fn encode(&self) -> String {
+        format!("queued {}\nfail_open {}\n", self.queued, self.fail_open)
+    }
+
+    fn decode(text: &str) -> Option<StoppedCounters> {
+        let mut queued = None;
+        let mut fail_open = None;
+        for line in text.lines() {
+            match line.split_once(' ')? {
+                ("queued", value) => queued = value.parse().ok(),
+                ("fail_open", value) => fail_open = value.parse().ok(),
+                _ => {}
+            }
+        }
+        Some(StoppedCounters {
+            queued: queued?,
+            fail_open: fail_open?,
+        })
+    }
+}
+
+/// The last values of the kernel counters the metrics follow.
+#[derive(Debug, Default)]
+struct Sampled {
+    queued: u64,
+    rate_limited: u64,
+    bypassed: u64,
+}
+
+/// The running data plane: queues and chains. Stopping stops the queues
+/// and leaves the chains.
 struct Dataplane {
     chains: Arc<Mutex<Option<Chains>>>,
     queues: Arc<Mutex<Option<QueueSet>>>,
+    interfaces: Arc<WorkloadInterfaces>,
+    fail_open: bool,
+    state_dir: PathBuf,
+    sampled: Mutex<Sampled>,
 }
 
 impl Dataplane {
-    fn start(config: &Config, engine: Arc<Engine>) -> anyhow::Result<Self> {
+    fn start(config: &Config, engine: Arc<Engine>, metrics: &Metrics) -> anyhow::Result<Self> {
+        let state_dir = config.common.data_dir.clone();
+        count_unread_syns(&config.chain_prefix, &state_dir, metrics);
         let (first, count) = config.queues();
         let last = first + (count - 1);
+        let interfaces = Arc::clone(engine.interfaces());
         // Bind the queues before any rule sends SYNs to them.
         let queues = QueueSet::start_with(
             QueueConfig {
@@ -106,43 +172,92 @@ impl Dataplane {
                 ..QueueConfig::default()
             },
             QueueOptions {
-                fail_open_when_full: config.fail_mode == FailMode::Open,
+                fail_open_when_full: engine.fail_open_when_full(),
                 ..QueueOptions::default()
             },
             engine,
         )
         .context("starting the NFQUEUE verdict threads")?;
+        let fail_open = config.fail_mode == FailMode::Open;
         let chains = Chains::install(ChainConfig {
             prefix: config.chain_prefix.clone(),
             queues: first..=last,
-            fail_open: config.fail_mode == FailMode::Open,
+            fail_open,
             hooks: config.hooks(),
+            syn_rate_per_source: config.syn_rate_per_source,
+            syn_burst_per_source: config.syn_burst_per_source,
         })
         .context("installing the iptables chains")?;
         Ok(Self {
             chains: Arc::new(Mutex::new(Some(chains))),
             queues: Arc::new(Mutex::new(Some(queues))),
+            interfaces,
+            fail_open,
+            state_dir,
+            sampled: Mutex::new(Sampled::default()),
         })
     }
 
-    /// The sink the workloads task writes address sets to.
+    /// The sink the workloads task writes address and interface sets to:
+    /// the engine's interface map first, then the chains.
     fn address_sink(&self) -> workloads::AddressSink {
         let chains = Arc::clone(&self.chains);
-        Box::new(move |addresses: &BTreeSet<IpAddr>| {
-            let mut guard = chains.lock().unwrap_or_else(PoisonError::into_inner);
-            match guard.as_mut() {
-                Some(chains) => Ok(chains.set_addresses(addresses)?),
-                None => Ok(()),
-            }
-        })
+        let interfaces = Arc::clone(&self.interfaces);
+        Box::new(
+            move |addresses: &BTreeSet<IpAddr>, by_interface: &interfaces::InterfaceAddresses| {
+                interfaces.set(by_interface.clone());
+                let names: BTreeSet<String> = by_interface.keys().cloned().collect();
+                let mut guard = chains.lock().unwrap_or_else(PoisonError::into_inner);
+                match guard.as_mut() {
+                    Some(chains) => Ok(chains.set_workloads(addresses, &names)?),
+                    None => Ok(()),
+                }
+            },
+        )
     }
 
     fn sample(&self, metrics: &Metrics) {
+        self.interfaces.refresh();
+        // Order matters for the bypass count: the chain's counter first,
+        // then the kernel's queue counters, then the verdicts (`stats`
+        // reads the kernel file before the threads' counters). A SYN the
+        // rule counted has, by the later reads, been queued (in the queue,
+        // dropped by the kernel, or given a verdict) or bypassed, so the
+        // difference never counts a SYN that was answered.
+        let counters = {
+            let guard = self.chains.lock().unwrap_or_else(PoisonError::into_inner);
+            let Some(chains) = guard.as_ref() else {
+                return;
+            };
+            match chains.counters() {
+                Ok(counters) => Some(counters),
+                Err(error) => {
+                    tracing::warn!(message = "Chain counters not read.", %error);
+                    None
+                }
+            }
+        };
         let guard = self.queues.lock().unwrap_or_else(PoisonError::into_inner);
         let Some(queues) = guard.as_ref() else {
             return;
         };
-        for stat in queues.stats().queues {
+        let stats = queues.stats();
+        if let Some(counters) = counters {
+            let total = stats.total();
+            let kernel = total.kernel.unwrap_or_default();
+            let answered = total.packets + kernel.queue_total + kernel.queue_dropped + kernel.user_dropped;
+            let mut sampled = self.sampled.lock().unwrap_or_else(PoisonError::into_inner);
+            metrics.syn_queued.inc_by(growth(&mut sampled.queued, counters.queued));
+            metrics
+                .syn_rate_limited
+                .inc_by(growth(&mut sampled.rate_limited, counters.rate_limited));
+            let unanswered = counters.queued.saturating_sub(answered);
+            if unanswered > sampled.bypassed {
+                metrics.syn_bypassed.inc_by(unanswered - sampled.bypassed);
+                sampled.bypassed = unanswered;
+            }
+        }
+        for stat in stats.queues {
             let labels = QueueLabels {
                 queue: stat.queue.to_string(),
             };
@@ -164,27 +279,100 @@ impl Dataplane {
                 .queue_verdict_errors
                 .get_or_create(&labels)
                 .set(stat.receive_errors as i64);
+            metrics
+                .queue_fail_open
+                .get_or_create(&labels)
+                .set(i64::from(stat.fail_open_when_full));
         }
     }
 
-    /// Removes the chains, then stops the queues.
+    /// Stops the queues and leaves the chains: from now on the kernel
+    /// drops (fail-closed) or passes (fail-open) the SYNs they queue. What
+    /// the chains counted so far is written to the state directory, so the
+    /// next start counts the SYNs that matched in between.
     fn stop(&self) {
-        let chains = self.chains.lock().unwrap_or_else(PoisonError::into_inner).take();
-        if let Some(chains) = chains {
-            if let Err(error) = chains.remove() {
-                tracing::error!(message = "iptables chains not removed.", %error);
-            }
-        }
         let queues = self.queues.lock().unwrap_or_else(PoisonError::into_inner).take();
         if let Some(queues) = queues {
             queues.stop();
         }
+        let chains = self.chains.lock().unwrap_or_else(PoisonError::into_inner).take();
+        let Some(chains) = chains else {
+            return;
+        };
+        let stopped = match chains.counters() {
+            Ok(counters) => StoppedCounters {
+                queued: counters.queued,
+                fail_open: self.fail_open,
+            },
+            Err(error) => {
+                tracing::warn!(message = "Chain counters not read at stop.", %error);
+                return;
+            }
+        };
+        let path = self.state_dir.join(STOPPED_COUNTERS_FILE);
+        if let Err(error) = tables::persist(&path, stopped.encode().as_bytes()) {
+            tracing::warn!(message = "Chain counters not saved at stop.", path = %path.display(), %error);
+        }
+        tracing::info!(
+            message = "Queues stopped; chains left in place.",
+            prefix = %chains.config().prefix,
+            fail_open = self.fail_open
+        );
     }
+}
+
+/// Raises `last` to `now` and returns by how much it grew; a counter that
+/// went back (the chain was written anew) grew by all of `now`.
+fn growth(last: &mut u64, now: u64) -> u64 {
+    let grown = if now >= *last { now - *last } else { now };
+    *last = now;
+    grown
+}
+
+/// Counts the SYNs the chains queued since the previous agent stopped
+/// cleanly (bypassed with fail-open, dropped by the kernel with
+/// fail-closed), from what it left in the state directory and the chains'
+/// counters now. After a crash, or if the chains were written anew in
+/// between, nothing is counted.
+fn count_unread_syns(prefix: &str, state_dir: &std::path::Path, metrics: &Metrics) {
+    let path = state_dir.join(STOPPED_COUNTERS_FILE);
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        return;
+    };
+    let _ = std::fs::remove_file(&path);
+    let Some(stopped) = StoppedCounters::decode(&text) else {
+        tracing::warn!(message = "Unreadable chain counters of the last stop ignored.", path = %path.display());
+        return;
+    };
+    let now = match chains::counters_of(prefix) {
+        Ok(counters) => counters.queued,
+        Err(error) => {
+            tracing::warn!(message = "Chain counters not read at start.", %error);
+            return;
+        }
+    };
+    if now < stopped.queued {
+        return;
+    }
+    let unread = now - stopped.queued;
+    if stopped.fail_open {
+        metrics.syn_bypassed.inc_by(unread);
+    } else {
+        metrics.syn_unread_dropped.inc_by(unread);
+    }
+    tracing::info!(
+        message = "SYNs matched while no agent read the queues.",
+        syns = unread,
+        outcome = if stopped.fail_open { "bypassed" } else { "dropped" }
+    );
 }
 
 /// Runs the agent until `shutdown` completes.
 pub async fn run(config: Config, health: Health, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     config.validate()?;
+    if config.remove_chains {
+        return tokio::task::spawn_blocking(move || uninstall(&config)).await?;
+    }
     let ready = health.component(NAME);
     let cluster = Token::new("cluster", &config.common.cluster)?;
     let node = config.node_name()?;
@@ -211,13 +399,16 @@ pub async fn run(config: Config, health: Health, shutdown: impl Future<Output = 
     let tables = Arc::new(Tables::load(&state_dir, &cluster, &node, trust, metrics.clone()));
     let identities = Arc::new(Identities::new(metrics.clone()));
     let (ring, ring_receiver) = Ring::new(config.ring_size, metrics.clone());
-    let engine = Arc::new(Engine::new(
-        Arc::clone(&tables),
-        Arc::clone(&identities),
-        ring,
-        metrics.clone(),
-        config.fail_mode == FailMode::Closed,
-    ));
+    let engine = Arc::new(
+        Engine::new(
+            Arc::clone(&tables),
+            Arc::clone(&identities),
+            ring,
+            metrics.clone(),
+            config.fail_mode == FailMode::Closed,
+        )
+        .with_queue_full(config.queue_full),
+    );
     let spool_metrics = cnnf_spool::SpoolMetrics::default();
     health.register(|registry| spool_metrics.register(registry, "cnnf_agent_spool"));
     let spool = cnnf_spool::Spool::open_with_metrics(
@@ -239,8 +430,9 @@ pub async fn run(config: Config, health: Health, shutdown: impl Future<Output = 
     } else {
         let engine = Arc::clone(&engine);
         let config = config.clone();
+        let metrics = metrics.clone();
         Some(Arc::new(
-            tokio::task::spawn_blocking(move || Dataplane::start(&config, engine)).await??,
+            tokio::task::spawn_blocking(move || Dataplane::start(&config, engine, &metrics)).await??,
         ))
     };
     ready.set(true);
@@ -460,4 +652,30 @@ async fn heartbeats(
         tracing::warn!(message = "Pending heartbeats not flushed at exit.", %error);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stopped_counters_round_trip_and_bad_files_are_refused() {
+        let stopped = StoppedCounters {
+            queued: 42,
+            fail_open: false,
+        };
+        assert_eq!(StoppedCounters::decode(&stopped.encode()), Some(stopped));
+        assert_eq!(StoppedCounters::decode("queued 1\n"), None);
+        assert_eq!(StoppedCounters::decode("queued x\nfail_open true\n"), None);
+        assert_eq!(StoppedCounters::decode(""), None);
+    }
+
+    #[test]
+    fn growth_follows_a_counter_through_a_reset() {
+        let mut last = 0;
+        assert_eq!(growth(&mut last, 10), 10);
+        assert_eq!(growth(&mut last, 15), 5);
+        assert_eq!(growth(&mut last, 3), 3, "written anew: all of it is new");
+        assert_eq!(last, 3);
+    }
 }

@@ -11,6 +11,19 @@ fn main() -> std::process::ExitCode {
         eprintln!("{}: invalid configuration: {error:#}", cnnf_agent::NAME);
         return std::process::ExitCode::from(cnnf_service::EXIT_BAD_CONFIG);
     }
+    // Uninstall: remove the chains and exit, without starting anything.
+    if config.remove_chains {
+        return match cnnf_agent::uninstall(&config) {
+            Ok(()) => {
+                println!("{}: chains of prefix {} removed", cnnf_agent::NAME, config.chain_prefix);
+                std::process::ExitCode::SUCCESS
+            }
+            Err(error) => {
+                eprintln!("{}: {error:#}", cnnf_agent::NAME);
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
     cnnf_service::main(
         cnnf_agent::NAME,
         cnnf_agent::DEFAULT_HTTP_ADDR,

@@ -118,6 +118,21 @@ pub struct Metrics {
     pub queue_user_dropped: Family<QueueLabels, Gauge>,
     /// Verdicts the agent failed to send to the kernel, per queue.
     pub queue_verdict_errors: Family<QueueLabels, Gauge>,
+    /// Whether the kernel accepts SYNs when a queue is full, per queue.
+    pub queue_fail_open: Family<QueueLabels, Gauge>,
+    /// SYNs the chains handed to the queues (iptables rule counter).
+    pub syn_queued: Counter,
+    /// SYNs the per-source rate limit dropped before the queue.
+    pub syn_rate_limited: Counter,
+    /// SYNs handed to the queues that got no verdict and that the kernel
+    /// accepted (full queue failing open, or no agent with fail-open).
+    pub syn_bypassed: Counter,
+    /// SYNs handed to the queues while no agent read them, dropped by the
+    /// kernel (fail-closed).
+    pub syn_unread_dropped: Counter,
+    /// SYNs from a workload interface with a source address that workload
+    /// does not hold (decided as unknown by the mode).
+    pub unowned_sources: Counter,
 }
 
 impl Default for Metrics {
@@ -149,6 +164,12 @@ impl Default for Metrics {
             queue_dropped: Family::default(),
             queue_user_dropped: Family::default(),
             queue_verdict_errors: Family::default(),
+            queue_fail_open: Family::default(),
+            syn_queued: Counter::default(),
+            syn_rate_limited: Counter::default(),
+            syn_bypassed: Counter::default(),
+            syn_unread_dropped: Counter::default(),
+            unowned_sources: Counter::default(),
         }
     }
 }
@@ -235,6 +256,36 @@ impl Metrics {
             "cnnf_agent_queue_verdict_errors",
             "Verdicts that could not be sent to the kernel, per NFQUEUE",
             self.queue_verdict_errors.clone(),
+        );
+        registry.register(
+            "cnnf_agent_queue_fail_open",
+            "1 while the kernel accepts SYNs unchecked when the NFQUEUE is full (--queue-full), per NFQUEUE",
+            self.queue_fail_open.clone(),
+        );
+        registry.register(
+            "cnnf_agent_syn_queued",
+            "SYNs the agent's chains handed to NFQUEUE (iptables rule counter, sampled each second)",
+            self.syn_queued.clone(),
+        );
+        registry.register(
+            "cnnf_agent_syn_rate_limited",
+            "SYNs dropped by the per-source rate limit before NFQUEUE (iptables rule counter)",
+            self.syn_rate_limited.clone(),
+        );
+        registry.register(
+            "cnnf_agent_syn_bypassed",
+            "SYNs handed to NFQUEUE that got no verdict and were accepted by the kernel (full queue failing open, or no agent reading with --fail-mode open)",
+            self.syn_bypassed.clone(),
+        );
+        registry.register(
+            "cnnf_agent_syn_unread_dropped",
+            "SYNs handed to NFQUEUE while no agent read it, dropped by the kernel (--fail-mode closed); counted at the next start",
+            self.syn_unread_dropped.clone(),
+        );
+        registry.register(
+            "cnnf_agent_unowned_sources",
+            "SYNs from a workload's interface with a source address the workload does not hold, decided as unknown",
+            self.unowned_sources.clone(),
         );
     }
 

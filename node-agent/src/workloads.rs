@@ -1,6 +1,6 @@
 //! The node's workloads: what discovery reports, turned into the local
-//! identity map, the addresses the iptables chains queue, and
-//! `WorkloadStarted` / `WorkloadStopped` events.
+//! identity map, the addresses and host-side interfaces the iptables chains
+//! queue, and `WorkloadStarted` / `WorkloadStopped` events.
 //!
 //! Order matters on a start: the identity map learns the new addresses
 //! before the chains start queueing them, so no SYN of a new workload is
@@ -17,12 +17,15 @@ use tokio::sync::mpsc;
 
 use crate::events::Events;
 use crate::identities::{Identities, Peer};
+use crate::interfaces::InterfaceAddresses;
 use crate::metrics::Metrics;
 
-/// Where the set of workload addresses goes (the iptables chains); called
-/// with the whole set after every change. Errors are logged and counted,
-/// and the next change tries again with the then-current set.
-pub type AddressSink = Box<dyn FnMut(&BTreeSet<IpAddr>) -> anyhow::Result<()> + Send>;
+/// Where the set of workload addresses and the workloads' host-side
+/// interfaces (each with its workload's addresses) go (the iptables chains
+/// and the engine's interface map); called with the whole sets after every
+/// change. Errors are logged and counted, and the next change tries again
+/// with the then-current sets.
+pub type AddressSink = Box<dyn FnMut(&BTreeSet<IpAddr>, &InterfaceAddresses) -> anyhow::Result<()> + Send>;
 
 /// The workloads this node runs now, by container ID.
 #[derive(Debug, Default)]
@@ -52,6 +55,23 @@ impl LocalWorkloads {
             .filter_map(|address| address.parse::<IpAddr>().ok())
             .map(|address| address.to_canonical())
             .collect()
+    }
+
+    /// The host-side interface of every workload that has one, with the
+    /// addresses of the workloads behind it (workloads sharing one network
+    /// namespace share its interface).
+    pub fn interfaces(&self) -> InterfaceAddresses {
+        let mut interfaces = InterfaceAddresses::new();
+        for workload in self.by_container.values().filter(|w| !w.interface.is_empty()) {
+            interfaces.entry(workload.interface.clone()).or_default().extend(
+                workload
+                    .addresses
+                    .iter()
+                    .filter_map(|address| address.parse::<IpAddr>().ok())
+                    .map(|address| address.to_canonical()),
+            );
+        }
+        interfaces
     }
 
     /// The identity map of the local addresses. Should two local
@@ -89,7 +109,7 @@ pub async fn follow(
     metrics: Metrics,
 ) {
     let mut workloads = LocalWorkloads::default();
-    let mut installed: Option<BTreeSet<IpAddr>> = None;
+    let mut installed: Option<(BTreeSet<IpAddr>, InterfaceAddresses)> = None;
     while let Some(first) = changes.recv().await {
         // Take every change already waiting, so a snapshot of many
         // workloads costs one identity swap and one iptables-restore.
@@ -112,17 +132,19 @@ pub async fn follow(
             workloads.apply(change);
         }
         let addresses = workloads.addresses();
+        let interfaces = workloads.interfaces();
         let started = batch.iter().any(|change| matches!(change, Change::Started(_)));
         // Starts: identities first, then queueing. Stops: the reverse.
         if started {
             identities.set_local(workloads.identity_map());
         }
         if let Some(mut sink) = chains.take() {
-            if installed.as_ref() != Some(&addresses) {
-                let set = addresses.clone();
+            let wanted = (addresses.clone(), interfaces);
+            if installed.as_ref() != Some(&wanted) {
+                let set = wanted.clone();
                 // iptables-restore is a child process: off the runtime.
                 let joined = tokio::task::spawn_blocking(move || {
-                    let outcome = sink(&set);
+                    let outcome = sink(&set.0, &set.1);
                     (sink, outcome)
                 })
                 .await;
@@ -134,7 +156,7 @@ pub async fn follow(
                 match outcome {
                     Ok(()) => {
                         metrics.workload_addresses.set(addresses.len() as i64);
-                        installed = Some(addresses);
+                        installed = Some(wanted);
                     }
                     Err(error) => {
                         metrics.chain_failures.inc();
@@ -205,5 +227,26 @@ mod tests {
             BTreeSet::from(["10.0.0.2".parse::<IpAddr>().unwrap()])
         );
         assert_eq!(local.len(), 1);
+    }
+
+    #[test]
+    fn interfaces_carry_the_addresses_of_their_workloads() {
+        let mut local = LocalWorkloads::default();
+        let mut a = workload("a", &["10.0.0.1"]);
+        a.interface = "veth-a".into();
+        let mut b = workload("b", &["10.0.0.2", "FD00::2"]);
+        b.interface = "veth-a".into();
+        local.apply(&Change::Started(a));
+        local.apply(&Change::Started(b));
+        local.apply(&Change::Started(workload("c", &["10.0.0.3"])));
+        let interfaces = local.interfaces();
+        assert_eq!(interfaces.len(), 1, "c has no interface");
+        assert_eq!(
+            interfaces["veth-a"],
+            ["10.0.0.1", "10.0.0.2", "fd00::2"]
+                .iter()
+                .map(|a| a.parse::<IpAddr>().unwrap())
+                .collect()
+        );
     }
 }

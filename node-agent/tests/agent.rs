@@ -11,6 +11,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::PathBuf;
 use std::process::Command;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream;
@@ -113,6 +114,7 @@ impl World {
                     "image_id": image_id(i),
                     "image_name": image_name(i),
                     "addresses": [container.ip().to_string()],
+                    "interface": container.host_veth(),
                 })
             })
             .collect();
@@ -331,10 +333,11 @@ impl World {
             }
         }
         let rules = self.rules_of("iptables-save");
+        let to_queue = format!("-j {}-SYN", self.prefix);
         for address in addresses {
             let matching = rules
                 .iter()
-                .filter(|line| line.contains(&format!("{address}/32")) && line.contains("NFQUEUE"))
+                .filter(|line| line.contains(&format!("{address}/32")) && line.contains(&to_queue))
                 .count();
             assert_eq!(
                 matching,
@@ -342,6 +345,18 @@ impl World {
                 "-s and -d rules in each hook chain for {address}: {rules:#?}"
             );
         }
+    }
+
+    /// Asserts that a stopped agent left its chains, then removes them as
+    /// `--remove-chains` does and checks that nothing is left.
+    fn assert_kept_then_removed(&self) {
+        assert!(
+            self.rules().iter().any(|line| line.contains("NFQUEUE")),
+            "a clean exit keeps the chains: {:#?}",
+            self.rules()
+        );
+        cnnf_agent::uninstall(&self.config(&[])).unwrap();
+        assert_eq!(self.rules(), Vec::<String>::new(), "--remove-chains leaves nothing");
     }
 
     /// Listens on `port` in container `i`.
@@ -565,7 +580,7 @@ async fn a_learning_model_allows_and_records() {
     assert_eq!(verdict_of(remote_decision), Verdict::Learn);
 
     agent.stop().await;
-    assert_eq!(world.rules(), Vec::<String>::new(), "a clean exit removes every rule");
+    world.assert_kept_then_removed();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -623,7 +638,7 @@ async fn an_enforcing_model_in_alert_mode_allows_and_alerts() {
     );
 
     agent.stop().await;
-    assert!(world.rules().is_empty(), "a clean exit removes every rule");
+    world.assert_kept_then_removed();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -697,7 +712,7 @@ async fn prevent_drops_the_unknown_port_and_a_new_table_applies_from_the_next_sy
     assert_eq!(metric(&agent.health, "cnnf_agent_table_version"), 5.0);
 
     agent.stop().await;
-    assert!(world.rules().is_empty(), "a clean exit removes every rule");
+    world.assert_kept_then_removed();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -749,7 +764,7 @@ async fn nats_down_enforcement_goes_on_decisions_spool_and_arrive_exactly_once()
     let unique: HashSet<_> = ids.iter().collect();
     assert_eq!(unique.len(), ids.len(), "no event stored twice");
     assert!(count_where(&decisions_after, |d| verdict_of(d) == Verdict::Prevent) >= 1);
-    assert!(world.rules().is_empty());
+    world.assert_kept_then_removed();
 }
 
 /// The built agent binary as a child process.
@@ -843,10 +858,20 @@ async fn a_killed_agent_restarts_from_its_persisted_table_without_duplicate_chai
     world.assert_rules_installed(&[world.ip(0), world.ip(1)]);
     let accepted_before = unknown.accepted();
 
-    // A clean exit (SIGTERM) removes every rule and exits 0.
+    // A clean exit (SIGTERM) exits 0 and keeps every rule (the node stays
+    // enforced until the next start); `--remove-chains` takes them out.
     signal(&child, "-TERM");
     let status = child.wait().unwrap();
     assert!(status.success(), "clean exit: {status}");
+    world.assert_rules_installed(&[world.ip(0), world.ip(1)]);
+    let mut args = world.args();
+    args.remove(0);
+    args.push("--remove-chains".into());
+    let removed = Command::new(env!("CARGO_BIN_EXE_cnnf-agent"))
+        .args(&args)
+        .output()
+        .unwrap();
+    assert!(removed.status.success(), "{}", String::from_utf8_lossy(&removed.stderr));
     assert!(world.rules().is_empty(), "{:#?}", world.rules());
     assert_eq!(unknown.accepted(), accepted_before);
 }
@@ -1036,5 +1061,297 @@ async fn malformed_packets_and_a_syn_flood_leave_the_agent_running_and_the_strea
         envelopes.len(),
         decisions.len()
     );
-    assert!(world.rules().is_empty());
+    world.assert_kept_then_removed();
+}
+
+/// Sum of every verdict an agent gave.
+fn all_verdicts(agent: &Agent) -> u64 {
+    [
+        ("allow", "accept"),
+        ("learn", "accept"),
+        ("observe", "accept"),
+        ("alert", "accept"),
+        ("prevent", "drop"),
+        ("undecodable", "accept"),
+        ("undecodable", "drop"),
+    ]
+    .iter()
+    .map(|(verdict, action)| agent.verdicts(verdict, action))
+    .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_syn_flood_is_rate_limited_per_source_and_nothing_bypasses_in_prevent() {
+    let world = World::new(3, 3).await;
+    // 0 → 1 on the known port is learned; image 2 enforces and knows
+    // nothing, so its connects to 1 are prevented.
+    let mut models = enforcing_pair(SERVER_PORT_KNOWN);
+    models.push(model(2, ModelState::Enforcing, vec![], vec![]));
+    world.publish_table(world.table(10, Mode::Prevent, models)).await;
+    // Default settings: --queue-full auto, 1000 SYN/s per source.
+    let agent = Agent::start(world.config(&[]));
+    agent.ready(3, 10).await;
+    let fail_open = format!("cnnf_agent_queue_fail_open{{queue=\"{}\"}}", world.queue);
+    // A prevent table: a full queue must drop, not accept.
+    wait_metric(&agent.health, &fail_open, |v| v == 0.0).await;
+    let _known = world.serve(1, SERVER_PORT_KNOWN).await;
+    let never = world.serve(1, SERVER_PORT_UNKNOWN).await;
+
+    let flooder = world.container(0).clone();
+    let target = world.ip(1).to_string();
+    let flood = tokio::task::spawn_blocking(move || {
+        flooder
+            .exec(
+                "timeout",
+                &[
+                    "4",
+                    "hping3",
+                    "-q",
+                    "-S",
+                    "-p",
+                    &SERVER_PORT_KNOWN.to_string(),
+                    "--flood",
+                    &target,
+                ],
+            )
+            .unwrap()
+    });
+    // Meanwhile container 2 keeps trying the never-allowed port.
+    let mut attempts = 0;
+    let mut connected = 0;
+    while !flood.is_finished() || attempts < 3 {
+        attempts += 1;
+        if world.connect(2, 1, SERVER_PORT_UNKNOWN).await.is_ok() {
+            connected += 1;
+        }
+    }
+    flood.await.unwrap();
+    assert_eq!(
+        connected, 0,
+        "{connected} of {attempts} connects to a never-allowed port succeeded"
+    );
+    assert_eq!(never.accepted(), 0);
+
+    wait_metric(&agent.health, "cnnf_agent_syn_rate_limited_total", |v| v > 0.0).await;
+    // Once a sample has seen every SYN that was answered, nothing may be
+    // left unanswered-and-accepted.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while metric(&agent.health, "cnnf_agent_syn_queued_total") < all_verdicts(&agent) as f64 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{}",
+            agent.health.encode_metrics()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let limited = metric(&agent.health, "cnnf_agent_syn_rate_limited_total");
+    let queued = metric(&agent.health, "cnnf_agent_syn_queued_total");
+    let kernel_drops = metric(
+        &agent.health,
+        &format!("cnnf_agent_queue_dropped{{queue=\"{}\"}}", world.queue),
+    );
+    eprintln!(
+        "flood: {limited} SYNs rate-limited, {queued} queued, {} verdicts, kernel queue drops {kernel_drops}, {attempts} connects to the never-allowed port, all failed",
+        all_verdicts(&agent)
+    );
+    assert_eq!(metric(&agent.health, "cnnf_agent_syn_bypassed_total"), 0.0);
+    assert!(agent.verdicts("prevent", "drop") >= 1);
+    agent.stop().await;
+    world.assert_kept_then_removed();
+}
+
+/// Connects from container `from` to `to`:`port` in a loop until `stop`,
+/// counting attempts, on a thread of its own.
+fn connect_loop(
+    world: &World,
+    from: usize,
+    to: usize,
+    ports: &[u16],
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    attempts: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) -> std::thread::JoinHandle<()> {
+    use std::sync::atomic::Ordering;
+    let container = world.container(from).clone();
+    let destinations: Vec<SocketAddrV4> = ports
+        .iter()
+        .map(|port| SocketAddrV4::new(world.ip(to), *port))
+        .collect();
+    std::thread::spawn(move || {
+        while !stop.load(Ordering::Relaxed) {
+            for destination in &destinations {
+                let _ = container.tcp_connect(*destination, CONNECT_TIMEOUT);
+                attempts.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    })
+}
+
+/// Waits until `attempts` reached `count`.
+async fn wait_attempts(attempts: &std::sync::atomic::AtomicUsize, count: usize) {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while attempts.load(std::sync::atomic::Ordering::Relaxed) < count {
+        assert!(tokio::time::Instant::now() < deadline, "the connect loop stalled");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fail_closed_agent_restarts_without_one_unchecked_connection() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let world = World::new(2, 2).await;
+    world
+        .publish_table(world.table(11, Mode::Prevent, enforcing_pair(SERVER_PORT_KNOWN)))
+        .await;
+    let known = world.serve(1, SERVER_PORT_KNOWN).await;
+    let never = world.serve(1, SERVER_PORT_UNKNOWN).await;
+    let closed = ["--fail-mode", "closed"];
+    let first = Agent::start(world.config(&closed));
+    first.ready(2, 11).await;
+
+    // Client 0 connects to the never-allowed and the allowed port, over and
+    // over, through the stop and the start.
+    let stop = Arc::new(AtomicBool::new(false));
+    let attempts = Arc::new(AtomicUsize::new(0));
+    let connects = connect_loop(
+        &world,
+        0,
+        1,
+        &[SERVER_PORT_UNKNOWN, SERVER_PORT_KNOWN],
+        Arc::clone(&stop),
+        Arc::clone(&attempts),
+    );
+    wait_attempts(&attempts, 4).await;
+    let first_allowed = first.verdicts("allow", "accept");
+    first.stop().await;
+    // The chains stay: the kernel drops what nobody reads.
+    world.assert_rules_installed(&[world.ip(0), world.ip(1)]);
+    let accepted_at_stop = known.accepted();
+    let at_stop = attempts.load(Ordering::Relaxed);
+    wait_attempts(&attempts, at_stop + 4).await;
+    let accepted_while_down = known.accepted() - accepted_at_stop;
+
+    let second = Agent::start(world.config(&closed));
+    second.ready(2, 11).await;
+    let at_start = attempts.load(Ordering::Relaxed);
+    wait_attempts(&attempts, at_start + 4).await;
+    stop.store(true, Ordering::Relaxed);
+    tokio::task::spawn_blocking(move || connects.join().unwrap())
+        .await
+        .unwrap();
+
+    assert_eq!(never.accepted(), 0, "a never-allowed connection got through");
+    assert_eq!(accepted_while_down, 0, "connections accepted while no agent ran");
+    let decided = first_allowed + second.verdicts("allow", "accept");
+    assert!(known.accepted() >= 1, "the allowed port worked before and after");
+    assert!(
+        decided >= known.accepted() as u64,
+        "{} connections accepted, {decided} allowed by a verdict",
+        known.accepted()
+    );
+    // The SYNs of the gap were counted at the start, as dropped.
+    assert!(metric(&second.health, "cnnf_agent_syn_unread_dropped_total") >= 1.0);
+    assert_eq!(metric(&second.health, "cnnf_agent_syn_bypassed_total"), 0.0);
+    eprintln!(
+        "restart: {} attempts, {} accepted (all decided: {decided} allow verdicts), unread SYNs dropped {}",
+        attempts.load(Ordering::Relaxed),
+        known.accepted(),
+        metric(&second.health, "cnnf_agent_syn_unread_dropped_total")
+    );
+    world.assert_rules_installed(&[world.ip(0), world.ip(1)]);
+    second.stop().await;
+    world.assert_kept_then_removed();
+}
+
+/// Whether a TCP connect from `source` (an address of container `from`)
+/// to `destination` succeeds within `CONNECT_TIMEOUT`.
+async fn connect_from(world: &World, from: usize, source: Ipv4Addr, destination: SocketAddrV4) -> bool {
+    let container = world.container(from).clone();
+    let script = format!(
+        "import socket,sys\ns=socket.socket()\ns.bind(('{source}',0))\ns.settimeout({})\n\
+         try:\n  s.connect(('{}',{}))\nexcept OSError:\n  sys.exit(1)\n",
+        CONNECT_TIMEOUT.as_secs_f64(),
+        destination.ip(),
+        destination.port()
+    );
+    let output = tokio::task::spawn_blocking(move || container.exec("python3", &["-c", &script]).unwrap())
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.is_empty() || output.status.code() == Some(1),
+        "python3: {stderr}"
+    );
+    output.status.success()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_address_added_inside_a_workload_is_queued_and_dropped_in_prevent() {
+    const TO_OUTSIDE: u16 = 9091;
+    // Containers 0 and 1 are this node's workloads; 2 is an outside server
+    // nobody knows.
+    let world = World::new(3, 2).await;
+    let mut models = enforcing_pair(SERVER_PORT_KNOWN);
+    models[0].outbound.push(LearnedConnection {
+        side: Side::Outbound as i32,
+        peer: Some(ProtoIdentity {
+            kind: IdentityKind::Unknown as i32,
+            ..Default::default()
+        }),
+        port: u32::from(TO_OUTSIDE),
+        protocol: Protocol::Tcp as i32,
+        count: 1,
+        ..Default::default()
+    });
+    world.publish_table(world.table(12, Mode::Prevent, models)).await;
+    let agent = Agent::start(world.config(&[]));
+    agent.ready(2, 12).await;
+    let known = world.serve(1, SERVER_PORT_KNOWN).await;
+    let outside = world.serve(2, TO_OUTSIDE).await;
+
+    // From its own address, container 0 reaches both (learned).
+    let own = world.ip(0);
+    assert!(connect_from(&world, 0, own, SocketAddrV4::new(world.ip(1), SERVER_PORT_KNOWN)).await);
+    assert!(connect_from(&world, 0, own, SocketAddrV4::new(world.ip(2), TO_OUTSIDE)).await);
+    wait_accepted(&known, 1).await;
+    wait_accepted(&outside, 1).await;
+
+    // An address the inventory does not list, added inside the namespace.
+    let octets = own.octets();
+    let extra = Ipv4Addr::new(octets[0], octets[1], octets[2], 200);
+    let added = world
+        .container(0)
+        .exec("ip", &["addr", "add", &format!("{extra}/24"), "dev", "eth0"])
+        .unwrap();
+    assert!(added.status.success(), "{}", String::from_utf8_lossy(&added.stderr));
+    let prevented = agent.verdicts("prevent", "drop");
+    assert!(
+        !connect_from(&world, 0, extra, SocketAddrV4::new(world.ip(1), SERVER_PORT_KNOWN)).await,
+        "a SYN from an unknown address inside a workload is dropped"
+    );
+    assert!(
+        !connect_from(&world, 0, extra, SocketAddrV4::new(world.ip(2), TO_OUTSIDE)).await,
+        "also towards an address the agent does not know"
+    );
+    assert_eq!(known.accepted(), 1);
+    assert_eq!(outside.accepted(), 1);
+    assert!(
+        agent.verdicts("prevent", "drop") >= prevented + 2,
+        "queued and prevented"
+    );
+    assert!(metric(&agent.health, "cnnf_agent_unowned_sources_total") >= 2.0);
+    world
+        .wait_decisions("a prevent decision from the unknown address", |d| {
+            d.iter().any(|d| {
+                verdict_of(d) == Verdict::Prevent
+                    && d.source.as_ref().is_some_and(|s| {
+                        s.address == extra.to_string()
+                            && s.identity
+                                .as_ref()
+                                .is_some_and(|i| i.kind == IdentityKind::Unknown as i32)
+                    })
+            })
+        })
+        .await;
+    agent.stop().await;
+    world.assert_kept_then_removed();
 }

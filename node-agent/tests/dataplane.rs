@@ -78,6 +78,10 @@ impl Claim {
             queues: self.queues(queues),
             fail_open,
             hooks,
+            // The raw data plane, unlimited (the agent's own tests cover the
+            // rate limit).
+            syn_rate_per_source: 0,
+            syn_burst_per_source: 0,
         }
     }
 

@@ -188,6 +188,7 @@ impl CriClient {
                 } else {
                     pod.name.clone()
                 },
+                interface: String::new(),
                 cluster: String::new(),
                 node: String::new(),
             });

@@ -251,6 +251,7 @@ pub fn parse_containers(bytes: &[u8]) -> Result<Vec<Workload>, String> {
                 addresses,
                 namespace: labels.get(K8S_POD_NAMESPACE).cloned().unwrap_or_default(),
                 pod: labels.get(K8S_POD_NAME).cloned().unwrap_or_default(),
+                interface: String::new(),
                 labels: labels_map(labels),
                 container_id: c.id,
                 cluster: String::new(),

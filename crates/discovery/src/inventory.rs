@@ -14,14 +14,18 @@
 //!       "addresses": ["10.88.0.10", "fd00::10"],
 //!       "labels": {"tier": "frontend"},
 //!       "namespace": "shop",
-//!       "pod": "web-7f9c"
+//!       "pod": "web-7f9c",
+//!       "interface": "veth4c1e"
 //!     }
 //!   ]
 //! }
 //! ```
 //!
 //! `container_id` and `image_id` are required and non-empty; the other
-//! fields may be left out. `container_id` is unique in the file. Every
+//! fields may be left out. `interface` is the workload's host-side network
+//! interface (its veth on this node): the agent then also queues SYNs that
+//! arrive on it from addresses not listed, and decides them as unknown. It
+//! must be 1 to 15 letters, digits, `_`, `-`, `.` or `@`. `container_id` is unique in the file. Every
 //! address must be an IPv4 or IPv6 address; it is kept in canonical form
 //! (`FD00::10` becomes `fd00::10`). Unknown fields are rejected, so a typo
 //! (`"adresses"`) is an error rather than a workload without addresses.
@@ -99,6 +103,20 @@ struct Entry {
     namespace: String,
     #[serde(default)]
     pod: String,
+    #[serde(default)]
+    interface: String,
+}
+
+/// Longest interface name the kernel accepts.
+const MAX_INTERFACE_NAME: usize = 15;
+
+/// Whether `name` is an interface name the agent can put into a rule.
+fn valid_interface(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_INTERFACE_NAME
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | '@'))
 }
 
 /// Parses an inventory file's content; `path` is only for error messages.
@@ -132,6 +150,15 @@ pub fn parse(path: &Path, bytes: &[u8]) -> Result<Vec<Workload>, InventoryError>
                 format!("duplicate container_id, already used by workloads[{first}]"),
             ));
         }
+        if !entry.interface.is_empty() && !valid_interface(&entry.interface) {
+            return Err(error(
+                format!("{entry_name}.interface"),
+                format!(
+                    "{:?} is not an interface name (1 to {MAX_INTERFACE_NAME} letters, digits, '_', '-', '.' or '@')",
+                    entry.interface
+                ),
+            ));
+        }
         let mut addresses = Vec::with_capacity(entry.addresses.len());
         for (i, text) in entry.addresses.iter().enumerate() {
             let address = cnnf_core::address::canonical(text)
@@ -149,6 +176,7 @@ pub fn parse(path: &Path, bytes: &[u8]) -> Result<Vec<Workload>, InventoryError>
             labels: entry.labels.into_iter().collect(),
             namespace: entry.namespace,
             pod: entry.pod,
+            interface: entry.interface,
             cluster: String::new(),
             node: String::new(),
         });
@@ -260,7 +288,7 @@ mod tests {
         let workloads = parse_str(
             r#"{"workloads":[{"container_id":"c1","container_name":"web","image_id":"sha256:1",
             "image_name":"web:1","addresses":["FD00::1","10.0.0.1","10.0.0.1"],"labels":{"a":"b"},
-            "namespace":"ns","pod":"p"},{"container_id":"c2","image_id":"sha256:2"}]}"#,
+            "namespace":"ns","pod":"p","interface":"veth1"},{"container_id":"c2","image_id":"sha256:2"}]}"#,
         )
         .unwrap();
         assert_eq!(workloads.len(), 2);
@@ -270,7 +298,9 @@ mod tests {
             (workloads[0].namespace.as_str(), workloads[0].pod.as_str()),
             ("ns", "p")
         );
+        assert_eq!(workloads[0].interface, "veth1");
         assert!(workloads[1].addresses.is_empty() && workloads[1].image_name.is_empty());
+        assert!(workloads[1].interface.is_empty());
     }
 
     #[test]
@@ -303,6 +333,10 @@ mod tests {
                 "workloads[0]: missing field `container_id`",
             ),
             (r#"{"workloads":[7]}"#, "workloads[0]: invalid type"),
+            (
+                r#"{"workloads":[{"container_id":"a","image_id":"i","interface":"eth0\n-A X"}]}"#,
+                r#"workloads[0] (container_id "a").interface: "eth0\n-A X" is not an interface name"#,
+            ),
         ] {
             let error = parse_str(text).unwrap_err().to_string();
             assert!(error.contains(expected), "{text}: {error}");

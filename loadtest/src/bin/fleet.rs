@@ -342,6 +342,7 @@ impl Agent {
             node: self.node.clone(),
             namespace: format!("team-{}", image % 20),
             pod: format!("svc-{image}-{workload:x}-{generation}"),
+            interface: String::new(),
         }
     }
 

@@ -97,6 +97,7 @@ fn workload(container: u64, image: u64, addr: &str, node: &str) -> Workload {
         node: node.to_owned(),
         namespace: format!("team-{}", image % 20),
         pod: format!("app-{image}-{container:x}"),
+        interface: String::new(),
     }
 }
 

@@ -6,9 +6,12 @@
 //! - [`packet`]: decodes the IP and TCP headers of a queued SYN, never
 //!   panicking on hostile bytes.
 //! - [`chains`]: the agent's iptables chains, written atomically with
-//!   `iptables-restore --noflush`, adopted on restart, removed on exit.
-//! - [`queue`]: one verdict thread per NFQUEUE queue, with batched verdicts
-//!   and the kernel's drop counters.
+//!   `iptables-restore --noflush`, with a per-source SYN rate limit before
+//!   the queue; adopted on restart, kept when the agent stops (removed only
+//!   on request).
+//! - [`queue`]: one verdict thread per NFQUEUE queue, with batched verdicts,
+//!   the kernel's fail-open-when-full flag as the decider wants it, and the
+//!   kernel's drop counters.
 //! - `netlink`: the NFQUEUE netlink protocol in safe Rust.
 //!
 //! Must never do I/O on the verdict path other than the netlink socket, and
@@ -20,6 +23,6 @@ mod netlink;
 pub mod packet;
 pub mod queue;
 
-pub use chains::{ChainConfig, ChainError, Chains, Family, Hook};
+pub use chains::{ChainConfig, ChainCounters, ChainError, Chains, Family, Hook};
 pub use packet::{decode_syn, PacketError, Syn};
 pub use queue::{Decider, QueueConfig, QueueError, QueueOptions, QueueSet, QueueStat, QueueStats, Verdict};

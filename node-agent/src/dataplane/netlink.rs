@@ -34,6 +34,8 @@ const NFQNL_MSG_CONFIG: u16 = 2;
 
 const NFQA_PACKET_HDR: u16 = 1;
 const NFQA_VERDICT_HDR: u16 = 2;
+const NFQA_IFINDEX_INDEV: u16 = 5;
+const NFQA_IFINDEX_PHYSINDEV: u16 = 7;
 const NFQA_PAYLOAD: u16 = 10;
 
 const NFQA_CFG_CMD: u16 = 1;
@@ -63,6 +65,10 @@ pub(crate) const VERDICT_MESSAGE: usize = NLMSG_HEADER + NFGEN_HEADER + 4 + 8;
 pub(crate) struct Packet<'a> {
     /// The kernel's id of the packet within its queue, echoed in the verdict.
     pub id: u32,
+    /// The interface the packet came in on: the bridge port for bridged
+    /// packets (`NFQA_IFINDEX_PHYSINDEV`), else the input device; 0 for
+    /// locally generated packets.
+    pub in_interface: u32,
     /// The packet bytes copied to userspace.
     pub payload: &'a [u8],
 }
@@ -97,6 +103,10 @@ fn u32_at(bytes: &[u8], at: usize) -> Option<u32> {
     Some(u32::from_ne_bytes(bytes.get(at..at + 4)?.try_into().ok()?))
 }
 
+fn be_u32(bytes: &[u8]) -> Option<u32> {
+    Some(u32::from_be_bytes(bytes.get(..4)?.try_into().ok()?))
+}
+
 fn align4(len: usize) -> usize {
     (len + 3) & !3
 }
@@ -123,6 +133,14 @@ fn attribute(out: &mut Vec<u8>, kind: u16, value: &[u8]) {
     out.extend_from_slice(&kind.to_ne_bytes());
     out.extend_from_slice(value);
     out.resize(out.len() + align4(len) - len, 0);
+}
+
+/// Appends the flag attributes that set (or clear) `NFQA_CFG_F_FAIL_OPEN`
+/// and leave every other flag alone.
+fn fail_open_flags(out: &mut Vec<u8>, fail_open_when_full: bool) {
+    let flags = if fail_open_when_full { NFQA_CFG_F_FAIL_OPEN } else { 0 };
+    attribute(out, NFQA_CFG_FLAGS, &flags.to_be_bytes());
+    attribute(out, NFQA_CFG_MASK, &NFQA_CFG_F_FAIL_OPEN.to_be_bytes());
 }
 
 /// Writes the length of the message that starts at `start`.
@@ -165,6 +183,7 @@ pub(crate) fn parse(datagram: &[u8]) -> io::Result<Received<'_>> {
             let mut at = NLMSG_HEADER + NFGEN_HEADER;
             let mut id = None;
             let mut payload: &[u8] = &[];
+            let (mut indev, mut physindev) = (0, 0);
             while at + 4 <= message.len() {
                 let attr_len = usize::from(u16_at(message, at).ok_or_else(|| malformed("attribute header"))?);
                 let attr_kind = u16_at(message, at + 2).ok_or_else(|| malformed("attribute header"))? & 0x3fff;
@@ -178,12 +197,21 @@ pub(crate) fn parse(datagram: &[u8]) -> io::Result<Received<'_>> {
                         id = Some(u32::from_be_bytes([raw[0], raw[1], raw[2], raw[3]]));
                     }
                     NFQA_PAYLOAD => payload = value,
+                    NFQA_IFINDEX_INDEV => indev = be_u32(value).ok_or_else(|| malformed("short input device"))?,
+                    NFQA_IFINDEX_PHYSINDEV => {
+                        physindev = be_u32(value).ok_or_else(|| malformed("short physical input device"))?;
+                    }
                     _ => {}
                 }
                 at += align4(attr_len);
             }
             let id = id.ok_or_else(|| malformed("packet without NFQA_PACKET_HDR"))?;
-            Ok(Received::Packet(Packet { id, payload }))
+            let in_interface = if physindev != 0 { physindev } else { indev };
+            Ok(Received::Packet(Packet {
+                id,
+                in_interface,
+                payload,
+            }))
         }
     }
 }
@@ -221,12 +249,23 @@ impl QueueSocket {
         };
         queue_socket.configure(|out| attribute(out, NFQA_CFG_PARAMS, &params))?;
         queue_socket.configure(|out| attribute(out, NFQA_CFG_QUEUE_MAXLEN, &max_len.to_be_bytes()))?;
-        let flags = if fail_open_when_full { NFQA_CFG_F_FAIL_OPEN } else { 0 };
-        queue_socket.configure(|out| {
-            attribute(out, NFQA_CFG_FLAGS, &flags.to_be_bytes());
-            attribute(out, NFQA_CFG_MASK, &NFQA_CFG_F_FAIL_OPEN.to_be_bytes());
-        })?;
+        queue_socket.configure(|out| fail_open_flags(out, fail_open_when_full))?;
         Ok(queue_socket)
+    }
+
+    /// Sets or clears the kernel's fail-open flag (accept instead of drop
+    /// when the queue is full) on the bound queue, without waiting: the
+    /// kernel answers only if it refuses, and that answer arrives as an
+    /// error from a later [`QueueSocket::receive`]. For the verdict thread,
+    /// which must not wait on anything but packets.
+    pub(crate) fn send_fail_open(&mut self, fail_open_when_full: bool) -> io::Result<()> {
+        self.sequence = self.sequence.wrapping_add(1);
+        let mut out = Vec::with_capacity(64);
+        let start = begin(&mut out, NFQNL_MSG_CONFIG, 0, self.sequence, self.queue);
+        fail_open_flags(&mut out, fail_open_when_full);
+        finish(&mut out, start);
+        socket::send(self.fd.as_raw_fd(), &out, MsgFlags::empty())?;
+        Ok(())
     }
 
     /// Sends one config message and waits for its acknowledgement.
@@ -301,12 +340,20 @@ mod tests {
 
     /// A packet message as the kernel sends it.
     fn packet_message(id: u32, payload: &[u8]) -> Vec<u8> {
+        packet_message_from(id, payload, None)
+    }
+
+    /// A packet message with input device 3 and, if given, a bridge port.
+    fn packet_message_from(id: u32, payload: &[u8], physindev: Option<u32>) -> Vec<u8> {
         let mut out = Vec::new();
         let start = begin(&mut out, NFQNL_MSG_PACKET, 0, 0, 7);
         let mut header = id.to_be_bytes().to_vec();
         header.extend_from_slice(&[0x08, 0x00, 1]);
         attribute(&mut out, NFQA_PACKET_HDR, &header);
-        attribute(&mut out, 5, &3u32.to_be_bytes()); // NFQA_IFINDEX_INDEV
+        attribute(&mut out, NFQA_IFINDEX_INDEV, &3u32.to_be_bytes());
+        if let Some(port) = physindev {
+            attribute(&mut out, NFQA_IFINDEX_PHYSINDEV, &port.to_be_bytes());
+        }
         attribute(&mut out, NFQA_PAYLOAD, payload);
         finish(&mut out, start);
         out
@@ -319,9 +366,41 @@ mod tests {
             parse(&message).unwrap(),
             Received::Packet(Packet {
                 id: 42,
+                in_interface: 3,
                 payload: &[0x45, 1, 2, 3, 4]
             })
         );
+    }
+
+    #[test]
+    fn a_bridged_packet_comes_in_on_its_bridge_port() {
+        let message = packet_message_from(1, &[0x45], Some(19));
+        let Received::Packet(packet) = parse(&message).unwrap() else {
+            panic!("not a packet");
+        };
+        assert_eq!(packet.in_interface, 19);
+    }
+
+    #[test]
+    fn fail_open_flags_set_and_clear_only_their_bit() {
+        let mut set = Vec::new();
+        fail_open_flags(&mut set, true);
+        assert_eq!(
+            set,
+            [
+                &8u16.to_ne_bytes()[..],
+                &NFQA_CFG_FLAGS.to_ne_bytes(),
+                &1u32.to_be_bytes(),
+                &8u16.to_ne_bytes(),
+                &NFQA_CFG_MASK.to_ne_bytes(),
+                &1u32.to_be_bytes()
+            ]
+            .concat()
+        );
+        let mut clear = Vec::new();
+        fail_open_flags(&mut clear, false);
+        assert_eq!(&clear[4..8], &0u32.to_be_bytes(), "flags 0 under mask 1 clears the bit");
+        assert_eq!(&clear[12..16], &1u32.to_be_bytes());
     }
 
     #[test]

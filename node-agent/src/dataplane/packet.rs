@@ -36,6 +36,10 @@ pub struct Syn {
     pub source_port: u16,
     /// The server's port.
     pub destination_port: u16,
+    /// Index of the interface the SYN came in on (the bridge port for
+    /// bridged packets), as the queue reports it; 0 when unknown or sent by
+    /// the host itself. [`decode_syn`] leaves it 0: the bytes do not say.
+    pub in_interface: u32,
 }
 
 /// Which header a [`PacketError`] is about.
@@ -179,6 +183,7 @@ pub fn decode_syn(packet: &[u8]) -> Result<Syn, PacketError> {
         destination,
         source_port: u16::from_be_bytes([tcp[0], tcp[1]]),
         destination_port: u16::from_be_bytes([tcp[2], tcp[3]]),
+        in_interface: 0,
     })
 }
 
@@ -337,7 +342,8 @@ mod tests {
                 source: A4.into(),
                 destination: B4.into(),
                 source_port: 40000,
-                destination_port: 80
+                destination_port: 80,
+                in_interface: 0
             }
         );
     }
@@ -463,7 +469,8 @@ mod tests {
                 source: A6.into(),
                 destination: B6.into(),
                 source_port: 5555,
-                destination_port: 8080
+                destination_port: 8080,
+                in_interface: 0
             }
         );
     }

@@ -17,6 +17,14 @@
 //! round trip is one receive, one decision and one send, as in the simplest
 //! loop; under a flood the verdict system calls are shared.
 //!
+//! Queue full: the kernel's fail-open flag (accept instead of drop when a
+//! queue is full) is set at bind from [`QueueOptions::fail_open_when_full`]
+//! and afterwards follows [`Decider::fail_open_when_full`], which each
+//! thread asks once per round of its loop (a table change that makes the
+//! node drop clears the flag from the next round on). The change is one
+//! config message on the thread's own socket: the kernel takes queue
+//! configuration only from the socket bound to the queue.
+//!
 //! Stopping: each socket has a short receive timeout
 //! ([`QueueOptions::stop_poll`]); a stopped thread notices at the latest
 //! then, verdicts what it holds and closes its socket, which unbinds the
@@ -59,6 +67,14 @@ pub trait Decider: Send + Sync + 'static {
         let _ = error;
         Verdict::Accept
     }
+
+    /// Whether a full queue should accept new packets (the kernel's
+    /// fail-open flag) right now; `None` keeps what
+    /// [`QueueOptions::fail_open_when_full`] set at bind. Asked once per
+    /// round of every verdict thread: must be as cheap as `decide`.
+    fn fail_open_when_full(&self) -> Option<bool> {
+        None
+    }
 }
 
 /// Settings of the kernel queues.
@@ -95,8 +111,8 @@ impl Default for QueueConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QueueOptions {
     /// When a queue is full, accept new packets instead of dropping them
-    /// (the kernel's `NFQA_CFG_F_FAIL_OPEN`). Pair it with the chains'
-    /// `fail_open` so one setting governs every bypass.
+    /// (the kernel's `NFQA_CFG_F_FAIL_OPEN`), from the bind on; a
+    /// [`Decider::fail_open_when_full`] that answers changes it later.
     pub fail_open_when_full: bool,
     /// Most packets decided per verdict `send`.
     pub batch: usize,
@@ -156,6 +172,8 @@ struct Counters {
     undecodable: AtomicU64,
     receive_errors: AtomicU64,
     batches: AtomicU64,
+    /// The kernel's fail-open flag as last set by the thread.
+    fail_open_when_full: AtomicBool,
 }
 
 /// The kernel's counters of one queue, from
@@ -194,6 +212,8 @@ pub struct QueueStat {
     pub receive_errors: u64,
     /// Verdict `send`s (packets / batches is the mean batch size).
     pub batches: u64,
+    /// Whether the kernel's fail-open flag (accept when full) is set.
+    pub fail_open_when_full: bool,
     /// The kernel's counters; `None` if the queue is not bound (any more) or
     /// the kernel file could not be read.
     pub kernel: Option<KernelQueueStats>,
@@ -221,6 +241,7 @@ impl QueueStats {
             total.undecodable += q.undecodable;
             total.receive_errors += q.receive_errors;
             total.batches += q.batches;
+            total.fail_open_when_full |= q.fail_open_when_full;
             if let Some(k) = q.kernel {
                 let sum = total.kernel.get_or_insert_with(KernelQueueStats::default);
                 sum.queue_total += k.queue_total;
@@ -333,6 +354,9 @@ impl QueueSet {
         };
         for (queue, socket) in sockets {
             let counters = Arc::new(Counters::default());
+            counters
+                .fail_open_when_full
+                .store(options.fail_open_when_full, Ordering::Relaxed);
             let thread = {
                 let counters = Arc::clone(&counters);
                 let stop = Arc::clone(&stop);
@@ -374,6 +398,7 @@ impl QueueSet {
                         undecodable: c.undecodable.load(Ordering::Relaxed),
                         receive_errors: c.receive_errors.load(Ordering::Relaxed),
                         batches: c.batches.load(Ordering::Relaxed),
+                        fail_open_when_full: c.fail_open_when_full.load(Ordering::Relaxed),
                         kernel: kernel.iter().find(|(q, _)| *q == w.queue).map(|(_, k)| *k),
                     }
                 })
@@ -416,13 +441,33 @@ fn verdict_loop(
     // blocking. A packet from a blocking receive is answered at once, alone,
     // so an idle queue adds no system call to a SYN's round trip.
     let mut draining = false;
+    let mut fail_open = counters.fail_open_when_full.load(Ordering::Relaxed);
     while !stop.load(Ordering::Relaxed) {
+        if let Some(wanted) = decider.fail_open_when_full() {
+            if wanted != fail_open {
+                match socket.send_fail_open(wanted) {
+                    Ok(()) => {
+                        fail_open = wanted;
+                        counters.fail_open_when_full.store(wanted, Ordering::Relaxed);
+                        tracing::info!(
+                            message = "NFQUEUE fail-open when full changed.",
+                            queue,
+                            fail_open_when_full = wanted
+                        );
+                    }
+                    Err(error) => {
+                        counters.receive_errors.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(message = "NFQUEUE fail-open flag not changed.", queue, %error);
+                    }
+                }
+            }
+        }
         verdicts.clear();
         let mut decided = 0u64;
         while decided < batch as u64 {
             match socket.receive(!draining) {
                 Ok(Some(Received::Packet(packet))) => {
-                    let verdict = decide(&*decider, packet.payload, &counters);
+                    let verdict = decide(&*decider, packet.payload, packet.in_interface, &counters);
                     netlink::push_verdict(&mut verdicts, queue, packet.id, verdict == Verdict::Accept);
                     decided += 1;
                     if !draining {
@@ -453,9 +498,12 @@ fn verdict_loop(
 }
 
 /// Decodes and decides one packet, counting it.
-fn decide(decider: &dyn Decider, payload: &[u8], counters: &Counters) -> Verdict {
+fn decide(decider: &dyn Decider, payload: &[u8], in_interface: u32, counters: &Counters) -> Verdict {
     let verdict = match decode_syn(payload) {
-        Ok(syn) => decider.decide(&syn),
+        Ok(mut syn) => {
+            syn.in_interface = in_interface;
+            decider.decide(&syn)
+        }
         Err(error) => {
             counters.undecodable.fetch_add(1, Ordering::Relaxed);
             decider.undecodable(&error)

@@ -172,6 +172,9 @@ fn main() -> anyhow::Result<()> {
         queues,
         fail_open: false,
         hooks: vec![Hook::Forward],
+        // Measures NFQUEUE itself: no per-source SYN limit in the way.
+        syn_rate_per_source: 0,
+        syn_burst_per_source: 0,
     };
 
     let mut baseline_chains = Chains::install(chain("CNNFBENCH-SB", baseline_queues.clone()))?;
