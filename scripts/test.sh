@@ -16,6 +16,7 @@ say "cargo fmt --check"
 cargo fmt --all -- --check
 say "cargo clippy (release profile, shares the test build)"
 cargo clippy --release --workspace --all-targets --locked -- -D warnings
+bash scripts/check-deploy.sh
 if ! cargo nextest --version >/dev/null 2>&1; then
   say "installing cargo-nextest"
   cargo install --locked cargo-nextest
