@@ -416,7 +416,7 @@ else:
             return "{\n" + "".join(f"{indent}{k}: {conf(v, indent + '  ')}\n" for k, v in value.items()) + indent[:-2] + "}"
         if isinstance(value, bool):
             return "true" if value else "false"
-        if isinstance(value, str) and not re.match(r"^[0-9.]+[a-z]*$", value):
+        if isinstance(value, str) and not re.match(r"^[0-9]+[a-z]*$", value):
             return f'"{value}"'
         return str(value)
     root = os.path.join(work, "chart-root")
@@ -446,7 +446,9 @@ for name, s in services.items():
         nats_version_ok(where, image)
     else:
         command = s.get("command")
-        check_command(where, command if isinstance(command, list) else None)
+        # A shell entrypoint runs a script: its words are checked below.
+        if not s.get("entrypoint"):
+            check_command(where, command if isinstance(command, list) else None)
     env = s.get("environment", {})
     check_env(where, env if isinstance(env, dict) else [e.split("=")[0] for e in env])
     for entry in s.get("command", []) if isinstance(s.get("command"), list) else []:

@@ -211,13 +211,16 @@ impl Readiness {
 }
 
 impl Health {
-    /// Registers a component, not ready yet.
+    /// Registers a component, not ready yet; a name registered before
+    /// gets its existing flag back, so a service can register before its
+    /// slow start-up (opening its store) and take the flag up afterwards.
     pub fn component(&self, name: &str) -> Readiness {
+        let mut components = self.components.lock().expect("health lock poisoned");
+        if let Some((_, flag)) = components.iter().find(|(known, _)| known == name) {
+            return Readiness(Arc::clone(flag));
+        }
         let flag = Arc::new(AtomicBool::new(false));
-        self.components
-            .lock()
-            .expect("health lock poisoned")
-            .push((name.to_owned(), Arc::clone(&flag)));
+        components.push((name.to_owned(), Arc::clone(&flag)));
         Readiness(flag)
     }
 

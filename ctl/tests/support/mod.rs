@@ -143,6 +143,7 @@ impl Stack {
                 tokens_file: Some(tokens),
                 ..Default::default()
             },
+            table_signing_key: None,
         };
         cnnf_service::init_logging();
         let (stop, stopped) = oneshot::channel::<()>();

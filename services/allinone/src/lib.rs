@@ -50,6 +50,19 @@ impl Config {
         socket(&self.common.data_dir, service)
     }
 
+    /// The policy service's configuration as this process runs it: data in
+    /// `<data dir>/policy`, API on its socket, this process's signing key.
+    pub fn policy(&self) -> cnnf_policy::Config {
+        let mut common = self.common.clone();
+        common.data_dir = common.data_dir.join("policy");
+        cnnf_policy::Config {
+            grpc_addr: GrpcAddr::Unix(self.socket("policy")),
+            grpc_tls: ServerTls::default(),
+            table_signing_key: self.table_signing_key.clone(),
+            ..cnnf_policy::Config::new(common)
+        }
+    }
+
     /// How the gateway reaches the four services: their sockets.
     pub fn upstreams(&self) -> cnnf_gateway::Upstreams {
         let [ingest, modeler, policy, audit] = SERVICES.map(|service| self.socket(service));
@@ -65,6 +78,7 @@ fn socket(data_dir: &Path, service: &str) -> PathBuf {
 pub async fn run(config: Config, health: Health, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let shutdown = shutdown.shared();
     let upstreams = config.upstreams();
+    let policy = config.policy();
     let common = config.common;
     let with_data = |service: &str| {
         let mut common = common.clone();
@@ -81,12 +95,6 @@ pub async fn run(config: Config, health: Health, shutdown: impl Future<Output = 
         grpc_addr: listen("modeler"),
         grpc_tls: ServerTls::default(),
         ..cnnf_modeler::Config::new(with_data("modeler"))
-    };
-    let policy = cnnf_policy::Config {
-        grpc_addr: listen("policy"),
-        grpc_tls: ServerTls::default(),
-        table_signing_key: config.table_signing_key.clone(),
-        ..cnnf_policy::Config::new(with_data("policy"))
     };
     let audit = cnnf_audit::Config {
         grpc_addr: listen("audit"),

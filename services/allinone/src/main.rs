@@ -9,7 +9,7 @@ fn main() -> std::process::ExitCode {
         Ok(config) => config,
         Err(code) => return code,
     };
-    if let Err(error) = config.policy().and_then(|policy| policy.validate()) {
+    if let Err(error) = config.policy().validate() {
         eprintln!("cnnf-allinone: invalid configuration: {error:#}");
         return std::process::ExitCode::from(cnnf_service::EXIT_BAD_CONFIG);
     }

@@ -183,6 +183,8 @@ pub fn open_store(path: &std::path::Path) -> anyhow::Result<RocksStore> {
 
 /// Runs the service until `shutdown` completes.
 pub async fn run(config: Config, health: Health, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    // Not ready while the store opens (run_with_store takes the flag up).
+    let _starting = health.component(NAME);
     let path = config.store_path();
     let store = tokio::task::spawn_blocking(move || open_store(&path)).await??;
     run_with_store(config, Arc::new(store), health, RunOptions::default(), shutdown).await
