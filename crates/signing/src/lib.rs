@@ -142,12 +142,9 @@ impl PublicKey {
                 continue;
             }
             let fields: Vec<&str> = line.split_whitespace().collect();
-            let [tag, id, encoded] = fields[..] else {
-                return Err(KeyError::at(
-                    number,
-                    format!("expected `{PUBLIC_TAG} <key-id> <base64>`, got {} words", fields.len()),
-                ));
-            };
+            // The tag first: a secret key's line has two words, and saying
+            // it is a secret key helps more than counting its words.
+            let tag = fields.first().copied().unwrap_or_default();
             if tag != PUBLIC_TAG {
                 let hint = if tag == SECRET_TAG {
                     " (this is a secret key: give agents the public key file)"
@@ -159,6 +156,12 @@ impl PublicKey {
                     format!("expected `{PUBLIC_TAG}`, got `{tag}`{hint}"),
                 ));
             }
+            let [_, id, encoded] = fields[..] else {
+                return Err(KeyError::at(
+                    number,
+                    format!("expected `{PUBLIC_TAG} <key-id> <base64>`, got {} words", fields.len()),
+                ));
+            };
             let bytes = decode_32(encoded).map_err(|reason| KeyError::at(number, reason))?;
             let key = PublicKey::from_bytes(&bytes).map_err(|error| KeyError::at(number, error.reason))?;
             if key.id.as_str() != id {

@@ -161,6 +161,10 @@ async fn a_service_on_tcp_serves_only_clients_with_a_certificate_of_its_ca() {
             data_dir: dir.path().join("gateway"),
             http_addr: None,
             replicas: 1,
+            nats_creds: None,
+            nats_ca: None,
+            nats_cert: None,
+            nats_key: None,
         },
         gateway: cnnf_gateway::Settings {
             tokens_file: Some(tokens),
