@@ -28,6 +28,8 @@ async fn agent_publishes_numbered_heartbeats_on_its_own_subject() {
         "node-7",
         "--heartbeat-seconds",
         "1",
+        // No table is ever published here.
+        "--allow-unsigned-tables",
     ])
     .unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

@@ -209,9 +209,20 @@ async fn a_node_does_exactly_what_its_permissions_allow() {
         own.get(format!("{CLUSTER}.n1")).await.unwrap().unwrap().as_ref(),
         b"table-2"
     );
-    // The server logs what it refused (the agent's test relies on it).
+    // The server logs what it refused (the agent's test relies on it). The
+    // wording differs between server versions ("Permissions Violation for
+    // Publish to \"s\"", "Publish Violation - Subject \"s\""); both name
+    // a violation and the quoted subject on one line.
     let log = std::fs::read_to_string(setup.server.log_path()).unwrap();
-    assert!(log.contains("Permissions Violation for Publish to \"cnnf.flow.prod.n2\""));
+    assert!(
+        log.lines()
+            .any(|line| line.contains("Violation") && line.contains("\"cnnf.flow.prod.n2\"")),
+        "the server's log has no violation for cnnf.flow.prod.n2:\n{}",
+        log.lines()
+            .filter(|line| line.contains("Violation"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
 }
 
 #[tokio::test]

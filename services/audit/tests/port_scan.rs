@@ -419,7 +419,15 @@ async fn an_nmap_scan_through_the_agent_is_one_incident_and_a_bounded_number_of_
         &agent_health,
         "cnnf_agent_verdicts_total{verdict=\"prevent\",action=\"drop\"}",
     ) as u64;
-    assert!(world.rules().is_empty(), "a clean exit removes every rule");
+    // A clean stop keeps the chains (a restart must not open a gap);
+    // removing them is its own command.
+    assert!(
+        world.rules().iter().any(|line| line.contains("NFQUEUE")),
+        "a clean exit keeps the chains: {:#?}",
+        world.rules()
+    );
+    cnnf_agent::uninstall(&world.agent_config()).unwrap();
+    assert!(world.rules().is_empty(), "--remove-chains leaves no rule");
 
     let (decisions, overflow) = world.decisions().await;
     assert_eq!(overflow, 0, "no decision was lost to overflow");
