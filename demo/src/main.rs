@@ -47,6 +47,8 @@ struct LabArgs {
     state_dir: PathBuf,
 }
 
+// Parsed once per run: the size of the largest variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Builds the storefront, lets CNNF learn it, enforces, and attacks it.
