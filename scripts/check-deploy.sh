@@ -437,8 +437,23 @@ else:
 
 # ---- compose.
 cpath = "deploy/compose/docker-compose.yml"
-compose = yaml.safe_load(open(cpath))
+raw_compose = yaml.safe_load(open(cpath))
+# Compose's variables (${NAME:-default}) are checked at their defaults.
+def compose_defaults(value):
+    if isinstance(value, dict):
+        return {k: compose_defaults(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [compose_defaults(v) for v in value]
+    if isinstance(value, str):
+        return re.sub(r"(?<!\$)\$\{[A-Za-z_][A-Za-z0-9_]*:?-([^}]*)\}", lambda m: m[1], value)
+    return value
+compose = compose_defaults(raw_compose)
 services = compose.get("services", {})
+# Images are variables, so a locally built or mirrored image is used
+# without editing the file (scripts/compose-e2e.sh does).
+for name, s in raw_compose.get("services", {}).items():
+    if not re.fullmatch(r"\$\{[A-Z0-9_]+:-[^}]+\}", str(s.get("image", ""))):
+        err(f"{cpath} service {name}", f"image {s.get('image')!r} must be ${{CNNF_..._IMAGE:-<default>}}")
 for name, s in services.items():
     where = f"{cpath} service {name}"
     image = s.get("image", "")
