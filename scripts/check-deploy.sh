@@ -139,7 +139,7 @@ fi
 
 # Semantic checks (and the rendered manifests for the schema check).
 if "$PY" - "$work" <<'PY'
-import glob, os, re, sys, tomllib
+import glob, json, os, re, sys, tomllib
 import yaml
 
 work = sys.argv[1]
@@ -416,8 +416,10 @@ else:
             return "{\n" + "".join(f"{indent}{k}: {conf(v, indent + '  ')}\n" for k, v in value.items()) + indent[:-2] + "}"
         if isinstance(value, bool):
             return "true" if value else "false"
-        if isinstance(value, str) and not re.match(r"^[0-9]+[a-z]*$", value):
-            return f'"{value}"'
+        # Strings quoted, as the chart writes them (JSON): a bare 2m would
+        # be a number to nats-server, not the duration the chart passes.
+        if isinstance(value, str):
+            return json.dumps(value)
         return str(value)
     root = os.path.join(work, "chart-root")
     rendered = {
