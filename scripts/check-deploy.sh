@@ -21,7 +21,9 @@
 #   cnnf-allinone built here, nats-server): verify checks that ExecStart
 #   programs exist and are executable; its nats.conf through nats-server -t.
 # - the Dockerfile: every COPY source exists and is not dockerignored,
-#   every binary it copies is a [[bin]] of the package it builds.
+#   every binary it copies is a [[bin]] of the package it builds;
+#   Dockerfile.prebuilt: one stage on the build argument BASE, the same
+#   binaries' directory, Radar directory, data directories and user.
 # - the shell scripts in deploy/ parse (bash -n); make-secrets.sh runs end
 #   to end when `cnnf auth init` and `cnnf-table-key` are available, and
 #   what it makes is validated like the rest.
@@ -139,7 +141,7 @@ fi
 
 # Semantic checks (and the rendered manifests for the schema check).
 if "$PY" - "$work" <<'PY'
-import glob, os, re, sys, tomllib
+import glob, json, os, re, sys, tomllib
 import yaml
 
 work = sys.argv[1]
@@ -416,8 +418,10 @@ else:
             return "{\n" + "".join(f"{indent}{k}: {conf(v, indent + '  ')}\n" for k, v in value.items()) + indent[:-2] + "}"
         if isinstance(value, bool):
             return "true" if value else "false"
-        if isinstance(value, str) and not re.match(r"^[0-9]+[a-z]*$", value):
-            return f'"{value}"'
+        # Strings quoted, as the chart writes them (JSON): a bare 2m would
+        # be a number to nats-server, not the duration the chart passes.
+        if isinstance(value, str):
+            return json.dumps(value)
         return str(value)
     root = os.path.join(work, "chart-root")
     rendered = {
@@ -437,8 +441,23 @@ else:
 
 # ---- compose.
 cpath = "deploy/compose/docker-compose.yml"
-compose = yaml.safe_load(open(cpath))
+raw_compose = yaml.safe_load(open(cpath))
+# Compose's variables (${NAME:-default}) are checked at their defaults.
+def compose_defaults(value):
+    if isinstance(value, dict):
+        return {k: compose_defaults(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [compose_defaults(v) for v in value]
+    if isinstance(value, str):
+        return re.sub(r"(?<!\$)\$\{[A-Za-z_][A-Za-z0-9_]*:?-([^}]*)\}", lambda m: m[1], value)
+    return value
+compose = compose_defaults(raw_compose)
 services = compose.get("services", {})
+# Images are variables, so a locally built or mirrored image is used
+# without editing the file (scripts/compose-e2e.sh does).
+for name, s in raw_compose.get("services", {}).items():
+    if not re.fullmatch(r"\$\{[A-Z0-9_]+:-[^}]+\}", str(s.get("image", ""))):
+        err(f"{cpath} service {name}", f"image {s.get('image')!r} must be ${{CNNF_..._IMAGE:-<default>}}")
 for name, s in services.items():
     where = f"{cpath} service {name}"
     image = s.get("image", "")
@@ -533,6 +552,31 @@ for a in ("RUNTIME_IMAGE",):
 static = re.search(r"^ENV CNNF_GATEWAY_STATIC_DIR=(\S+)", text, re.M)
 if not static or not re.search(rf"COPY --from=radar \S+ {re.escape(static[1])}/?$", text, re.M):
     err(dpath, "the Radar page must be copied to CNNF_GATEWAY_STATIC_DIR")
+
+# ---- Dockerfile.prebuilt: the same runtime from a context of bin/ and
+# radar/ (scripts/compose-e2e.sh builds it for real).
+ppath = "deploy/docker/Dockerfile.prebuilt"
+ptext = re.sub(r"\\\n", " ", open(ppath).read())
+pargs = dict(re.findall(r'^ARG (\w+)="?([^"\n]*)"?$', ptext, re.M))
+if "BASE" not in pargs or "FROM ${BASE}" not in ptext:
+    err(ppath, "the base must be the build argument BASE")
+if len(re.findall(r"^FROM ", ptext, re.M)) != 1:
+    err(ppath, "must be a single stage")
+if not re.search(r"^COPY bin/ /usr/local/bin/$", ptext, re.M):
+    err(ppath, "must copy the context's bin/ to /usr/local/bin/")
+for need in ("iptables", "iproute2"):
+    if not re.search(rf"apt-get install[^\n]*\b{need}\b", ptext):
+        err(ppath, f"must install {need} when the base lacks iptables (the agent needs it)")
+pstatic = re.search(r"^ENV CNNF_GATEWAY_STATIC_DIR=(\S+)", ptext, re.M)
+if not pstatic or not re.search(rf"^COPY radar/ {re.escape(pstatic[1])}/?$", ptext, re.M):
+    err(ppath, "the context's radar/ must be copied to CNNF_GATEWAY_STATIC_DIR")
+if not static or not pstatic or static[1] != pstatic[1]:
+    err(ppath, f"CNNF_GATEWAY_STATIC_DIR must be the same as in {dpath}")
+for d in re.findall(r"/var/lib/cnnf/(\w+)", text):
+    if d not in ptext:
+        err(ppath, f"must make the data directory /var/lib/cnnf/{d} as {dpath} does")
+if "USER 65532:65532" not in ptext:
+    err(ppath, "must run as user 65532 by default")
 
 for e in errors:
     print(f"check-deploy: FAIL {e}", file=sys.stderr)

@@ -17,6 +17,8 @@ cargo fmt --all -- --check
 say "cargo clippy (release profile, shares the test build)"
 cargo clippy --release --workspace --all-targets --locked -- -D warnings
 bash scripts/check-deploy.sh
+# deploy/compose on a real Docker Engine: learn, prevent, attack, audit.
+bash scripts/compose-e2e.sh
 if ! cargo nextest --version >/dev/null 2>&1; then
   say "installing cargo-nextest"
   cargo install --locked cargo-nextest
