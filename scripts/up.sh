@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The README's first command. Installs what a fresh machine lacks, builds
 # CNNF and the Radar page, and brings up a protected demo on this node:
-# nats-server (deploy/nats/single-node.conf), every service and the operator
+# nats-server in operator mode (each process logs in with its own creds
+# file, the agent with its node's only), every service and the operator
 # gateway (cnnf-allinone), the node agent enforcing through iptables and
 # NFQUEUE, and the storefront demo in network namespaces (cnnf-demo up):
 # its traffic is learned, the models locked, the cluster switched to
@@ -68,12 +69,36 @@ wait_http() {
   exit 1
 }
 
-# Demo passwords for the users in single-node.conf; set your own outside a demo.
-export CNNF_NATS_SERVICES_PASSWORD=${CNNF_NATS_SERVICES_PASSWORD:-demo-services}
-export CNNF_NATS_AGENT_NODE1_PASSWORD=${CNNF_NATS_AGENT_NODE1_PASSWORD:-demo-agent}
-say "starting nats-server on 127.0.0.1:4222 (store in .cnnf/nats)"
-(cd "$STATE/nats" && start nats "$CNNF_NATS_SERVER" -c "$CNNF_ROOT/deploy/nats/single-node.conf")
+# NATS in operator mode: every process logs in with its own creds file.
+# `cnnf auth init` makes the operator, the accounts, the services' login
+# and the server's include file once (kept in .cnnf/auth, private); the
+# agent gets a login of its own node only (`cnnf nodes enroll`).
+AUTH="$STATE/auth"
+if [ ! -f "$AUTH/nats-auth.conf" ]; then
+  say "making the NATS operator, accounts and the services' login (.cnnf/auth)"
+  "$BIN/cnnf" auth init --dir "$AUTH" >/dev/null
+fi
+# The server's own config; its include path is relative to this file.
+cat >"$STATE/nats/nats.conf" <<'CONF'
+server_name: cnnf-single
+listen: "127.0.0.1:4222"
+http: "127.0.0.1:8222"
+max_payload: 1MB
+include ../auth/nats-auth.conf
+jetstream {
+  store_dir: "./nats-data"
+  sync_interval: "2m"
+}
+CONF
+say "starting nats-server on 127.0.0.1:4222 (operator mode, store in .cnnf/nats)"
+(cd "$STATE/nats" && start nats "$CNNF_NATS_SERVER" -c "$STATE/nats/nats.conf")
 wait_http http://127.0.0.1:8222/healthz nats-server nats
+export CNNF_NATS_CREDS="$AUTH/services.creds"
+node_creds="$AUTH/demo-node-1.creds"
+if [ ! -f "$node_creds" ]; then
+  say "enrolling node demo-node-1 (its own NATS login)"
+  "$BIN/cnnf" nodes enroll --auth-dir "$AUTH" --cluster local --node demo-node-1 --out "$node_creds" >/dev/null
+fi
 
 say "starting cnnf-allinone: every service and the operator gateway on 127.0.0.1:9443"
 CNNF_DATA_DIR="$STATE/services" CNNF_HTTP_ADDR=127.0.0.1:9105 \
@@ -88,7 +113,7 @@ inventory="$STATE/demo/inventory.json"
 # the public key the all-in-one wrote beside its signing key at first start.
 table_keys="$STATE/services/policy/table-signing.pub"
 [ -f "$table_keys" ] || { echo "up.sh: $table_keys is missing (cnnf-allinone writes it at start)" >&2; exit 1; }
-CNNF_NODE=demo-node-1 CNNF_HTTP_ADDR=127.0.0.1:9100 \
+CNNF_NODE=demo-node-1 CNNF_HTTP_ADDR=127.0.0.1:9100 CNNF_NATS_CREDS="$node_creds" \
   start agent "$BIN/cnnf-agent" --data-dir "$STATE/agent" --workloads "inventory:$inventory" \
   --table-keys "$table_keys"
 wait_http http://127.0.0.1:9100/ready cnnf-agent agent
